@@ -1,0 +1,19 @@
+# The same stages as dvc.yaml, for clusters: `snakemake --cores 2` locally, or with the
+# SLURM executor and a profile under workflow/profiles/. Both engines read params.yaml and
+# call the same `python -m mfm <stage>` command per stage.
+from mfm.config import validate_params
+
+
+configfile: "params.yaml"
+
+
+PARAMS = validate_params(config, "params.yaml")
+
+
+include: "workflow/rules/pretrain.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.pretrain.output,

@@ -1,0 +1,7 @@
+"""``python -m mfm <stage>``."""
+
+import sys
+
+from mfm.cli import main
+
+sys.exit(main())

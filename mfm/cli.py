@@ -1,0 +1,67 @@
+"""One entry point, one subcommand per stage: ``python -m mfm <stage> [-S key=value ...]``.
+
+DVC and Snakemake call exactly these commands. Every stage reads ``params.yaml`` (with
+``-S`` overrides applied, as in ``dvc exp run -S``), runs ``mfm.<stage>.run(params)`` and
+writes the returned numbers to ``metrics/<stage>.json``. A ``UserError`` becomes one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from mfm.config import PARAMS_FILE, load_params
+from mfm.errors import UserError
+from mfm.io import write_json
+from mfm.paths import metrics_file
+
+STAGES = {
+    "prepare": "prepare the dataset into data/prepared (arrays or a manifest + meta.json)",
+    "pretrain": "MFM (or restoration) pretraining; writes results/pretrain/encoder.pt",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfm", description=__doc__.splitlines()[0])
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, help_text in STAGES.items():
+        stage = stages.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--params", default=PARAMS_FILE, help="params file (params.yaml)")
+        stage.add_argument(
+            "-S",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a param, e.g. -S pretrain.epochs=3 (repeatable)",
+        )
+    return parser
+
+
+def run_stage(stage: str, params_file: str, overrides: list[str]) -> dict:
+    """Validate params, run the stage, store its metrics; returns the metrics."""
+    params = load_params(params_file, overrides)
+    module = importlib.import_module(f"mfm.{stage}")
+    metrics = module.run(params)
+    write_json(metrics_file(stage), metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        metrics = run_stage(args.stage, args.params, args.overrides)
+    except UserError as err:
+        print(f"mfm {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mfm {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(metrics, indent=2))
+    return 0

@@ -1,0 +1,210 @@
+"""Typed params: one ``params.yaml`` read by every stage, by DVC and by Snakemake.
+
+Each section is a pydantic model that forbids unknown keys, so a typo never silently falls
+back to a default. ``load_params`` turns any validation failure into a single ``UserError``
+line that names the key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mfm.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagefolder"]
+PretextName = Literal["mfm", "sr", "deblur", "denoise"]
+
+
+class StrictModel(BaseModel):
+    """Base for every section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(StrictModel):
+    """Which dataset to prepare and the resolution the models train at."""
+
+    dataset: DatasetName = "fashion_mnist"
+    root: str | None = Field(
+        None, description="Folder holding the dataset's files; null = the dataset's usual places."
+    )
+    download: bool = Field(True, description="Allow torchvision's download when files are missing.")
+    img_size: int = Field(32, ge=8, le=1024, description="Side of the square training crop.")
+    train_limit: int | None = Field(
+        None, ge=1, description="Keep a seeded random subset of this many training images."
+    )
+    test_limit: int | None = Field(
+        None, ge=1, description="Keep a seeded random subset of this many test images."
+    )
+
+
+class ModelParams(StrictModel):
+    """A timm encoder by name; ``kwargs`` go straight to ``timm.create_model``."""
+
+    name: str = "vit_tiny_patch16_224"
+    patch_size: int | None = Field(
+        4, ge=1, description="ViT patch size (null = the model's own); ignored by CNNs."
+    )
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class MaskParams(StrictModel):
+    """The MFM frequency mask: a disc (or ring) in the centred spectrum."""
+
+    radius: float | tuple[float, float] = Field(
+        4.0, description="Outer radius, fixed or a [low, high] range sampled per image."
+    )
+    inner_radius: float = Field(0.0, ge=0.0, description="> 0 turns the disc into a band.")
+    radius_unit: Literal["bins", "fraction"] = Field(
+        "bins", description="'fraction' scales radii by the image side."
+    )
+    p_low: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a low-pass mask.")
+    clamp: bool = Field(True, description="Clamp the filtered image to [0, 1] (rectifies HPF).")
+
+    @field_validator("radius")
+    @classmethod
+    def _positive_radius(cls, value: float | tuple[float, float]) -> float | tuple[float, float]:
+        low, high = (value, value) if isinstance(value, float | int) else value
+        if low <= 0 or high < low:
+            raise ValueError("radius must be > 0, or a [low, high] range with 0 < low <= high")
+        return value
+
+
+class LossParams(StrictModel):
+    """Frequency loss: |F_pred - F_target| ** gamma, optionally focal-weighted."""
+
+    gamma: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.0, ge=0.0, description="Focal weight exponent; 0 turns it off.")
+    log_weight: bool = False
+    batch_weight: bool = Field(False, description="Normalise the focal weight by the batch max.")
+
+
+class SRParams(StrictModel):
+    scale: int = Field(8, ge=2, description="Bicubic down-sampling factor.")
+
+
+class DeblurParams(StrictModel):
+    sigma: float = Field(5.0, gt=0.0)
+    kernel_sizes: list[int] = Field(default_factory=lambda: list(range(7, 22, 2)), min_length=1)
+
+    @field_validator("kernel_sizes")
+    @classmethod
+    def _odd_kernels(cls, value: list[int]) -> list[int]:
+        if any(k < 3 or k % 2 == 0 for k in value):
+            raise ValueError("kernel sizes must be odd and >= 3")
+        return value
+
+
+class DenoiseParams(StrictModel):
+    sigma: float = Field(75 / 255, gt=0.0, description="Noise std on the [0, 1] scale.")
+
+
+class PretrainParams(StrictModel):
+    """MFM (or restoration) pretraining recipe."""
+
+    pretext: PretextName = "mfm"
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1.5e-3, gt=0.0, description="Base lr per 512 images (linear scaling).")
+    min_lr: float = Field(1e-5, ge=0.0, description="Final cosine lr per 512 images.")
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = Field(3.0, gt=0.0)
+    checkpoint_every: int = Field(1, ge=1, description="Epochs between resumable checkpoints.")
+    log_every: int = Field(10, ge=1, description="Steps between logged losses.")
+    mask: MaskParams = Field(default_factory=MaskParams)
+    loss: LossParams = Field(default_factory=LossParams)
+    sr: SRParams = Field(default_factory=SRParams)
+    deblur: DeblurParams = Field(default_factory=DeblurParams)
+    denoise: DenoiseParams = Field(default_factory=DenoiseParams)
+
+
+class RuntimeParams(StrictModel):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 0
+    workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
+
+
+class Params(StrictModel):
+    data: DataParams = Field(default_factory=DataParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML), like ``dvc exp run -S``."""
+    result = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.lstrip("+").strip()
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value; write e.g. -S pretrain.epochs=3")
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return result
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """Field names of the model that holds the key at ``loc`` (for 'unknown key' errors)."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """One line naming the first bad key, its value and what is allowed."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(loc))
+        return f"{source}: unknown key {key!r}; allowed keys here: {allowed}"
+    return f"{source}: {key} = {value!r} is invalid: {first['msg']}"
+
+
+def validate_params(raw: dict[str, Any] | None, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; the Snakefile calls this too, so both engines agree."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise UserError(describe_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    """Read ``params.yaml``, apply ``-S`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        kind = err.__class__.__name__
+        raise UserError(f"{path} is not valid YAML ({kind}); fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of sections (data, model, pretrain, runtime)")
+    return validate_params(apply_overrides(raw, overrides or []), str(path))

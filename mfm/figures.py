@@ -1,0 +1,64 @@
+"""PNG figures people look at; each written atomically like every other output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from mfm.io import atomic_path  # noqa: E402
+
+
+def log_spectrum(images: torch.Tensor) -> torch.Tensor:
+    """Centred log-magnitude spectrum of the channel mean, (B, H, W), for display."""
+    grey = images.float().mean(dim=1)
+    spectrum = torch.fft.fftshift(torch.fft.fft2(grey), dim=(-2, -1))
+    return torch.log1p(spectrum.abs())
+
+
+def _as_image(tensor: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """(C, H, W) in [0, 1] to something imshow takes, with a grey colour map for 1 channel."""
+    tensor = tensor.detach().float().clamp(0, 1).cpu()
+    if tensor.shape[0] == 1:
+        return tensor[0], "gray"
+    return tensor.permute(1, 2, 0), None
+
+
+def reconstruction_figure(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    corrupted: torch.Tensor,
+    predictions: torch.Tensor,
+    path: str | Path,
+    title: str,
+) -> None:
+    """One row per image: image, its spectrum, the kept-frequency mask, input, prediction."""
+    columns = ["image", "log spectrum", "kept frequencies", "corrupted input", "prediction"]
+    spectra = log_spectrum(images).cpu()
+    rows = images.shape[0]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows))
+    axes = axes.reshape(rows, len(columns))
+    for row in range(rows):
+        panels = [
+            _as_image(images[row]),
+            (spectra[row], "magma"),
+            (masks[row].float().cpu().reshape(masks.shape[-2:]), "gray"),
+            _as_image(corrupted[row]),
+            _as_image(predictions[row]),
+        ]
+        for col, (data, cmap) in enumerate(panels):
+            axis = axes[row, col]
+            axis.imshow(data.numpy(), cmap=cmap, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(columns[col], fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

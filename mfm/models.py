@@ -1,0 +1,174 @@
+"""Encoders from timm, the MFM prediction head, and how encoders are saved and loaded.
+
+Any timm model works as an encoder. ViTs keep their own cls token and position embedding
+and see the whole (filtered) image: MFM has no mask tokens. CNNs on small images get a
+smaller ``output_stride`` (dilation) so their last feature map stays at least 4x4 instead
+of collapsing to 1x1. The head is the paper's: a 1x1 conv to ``stride**2 * C`` channels and
+a PixelShuffle back to image size, no decoder blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from mfm.config import ModelParams
+from mfm.errors import UserError
+
+MIN_FEATURE_MAP = 4
+
+
+class Encoder(nn.Module):
+    """A timm backbone with one uniform API: ``forward_features`` and ``feature_map``.
+
+    ``spec`` is a plain dict that rebuilds the same architecture, stored next to the weights
+    so a checkpoint loads with ``weights_only=True`` and no pickled objects.
+    """
+
+    def __init__(self, backbone: nn.Module, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.is_vit = hasattr(backbone, "patch_embed")
+        self.num_features = int(backbone.num_features)
+        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+        self.stride = int(backbone.feature_info[-1]["reduction"])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's own ``forward_features`` (tokens for ViTs, a map for CNNs)."""
+        return self.backbone.forward_features(x)
+
+    def tokens_to_map(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Drop the prefix tokens and fold the patch tokens of an HxW input into a grid."""
+        patches = tokens[:, self.num_prefix_tokens :]
+        grid = (height // self.stride, width // self.stride)
+        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map, (B, D, H / stride, W / stride), for ViTs and CNNs alike."""
+        features = self.forward_features(x)
+        if not self.is_vit:
+            return features
+        return self.tokens_to_map(features, x.shape[-2], x.shape[-1])
+
+
+class PixelShuffleHead(nn.Module):
+    """1x1 conv to ``stride**2 * out_chans`` channels, then PixelShuffle to full resolution."""
+
+    def __init__(self, in_features: int, stride: int, out_chans: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_features, stride**2 * out_chans, kernel_size=1)
+        self.shuffle = nn.PixelShuffle(stride)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.proj(feature_map))
+
+
+class MFMModel(nn.Module):
+    """Encoder + pixel head: predicts the full image from its frequency-filtered version."""
+
+    def __init__(self, encoder: Encoder, in_chans: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = PixelShuffleHead(encoder.num_features, encoder.stride, in_chans)
+
+    def forward_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.feature_map(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_encoder(x))
+
+
+def _create_backbone(spec: dict[str, Any]) -> nn.Module:
+    kwargs = dict(spec["kwargs"])
+    for key in ("patch_size", "img_size", "output_stride"):
+        if spec.get(key) is not None:
+            kwargs[key] = spec[key]
+    try:
+        return timm.create_model(
+            spec["name"],
+            pretrained=False,
+            num_classes=0,
+            in_chans=spec["in_chans"],
+            drop_path_rate=spec.get("drop_path_rate", 0.0),
+            **kwargs,
+        )
+    except TypeError as err:
+        raise UserError(
+            f"timm model {spec['name']!r} rejects its arguments ({err}); "
+            "check model.patch_size and model.kwargs"
+        ) from None
+
+
+def build_encoder(model: ModelParams, img_size: int, in_chans: int) -> Encoder:
+    """Create the encoder for ``img_size`` inputs with ``in_chans`` channels."""
+    if not timm.models.is_model(model.name):
+        raise UserError(
+            f"model.name = {model.name!r} is not a timm model; "
+            "pick one from timm.list_models() (e.g. vit_tiny_patch16_224, resnet18)"
+        )
+    spec: dict[str, Any] = {
+        "name": model.name,
+        "kwargs": dict(model.kwargs),
+        "in_chans": in_chans,
+        "drop_path_rate": model.drop_path_rate,
+        "patch_size": None,
+        "img_size": None,
+        "output_stride": None,
+    }
+    try:  # ViT-style models are built for one input size and patch size
+        backbone = _create_backbone({**spec, "img_size": img_size, "patch_size": model.patch_size})
+        spec.update(img_size=img_size, patch_size=model.patch_size)
+    except UserError as err:  # CNNs are size-agnostic and reject both arguments
+        if "img_size" not in str(err):
+            raise
+        backbone = _create_backbone(spec)
+    if not hasattr(backbone, "patch_embed"):
+        stride = int(backbone.feature_info[-1]["reduction"])
+        if img_size // stride < MIN_FEATURE_MAP:
+            spec["output_stride"] = _small_image_stride(img_size, stride)
+            backbone = _create_backbone(spec)
+    return Encoder(backbone, spec)
+
+
+def _small_image_stride(img_size: int, stride: int) -> int:
+    """Largest power-of-two output stride that keeps a >= 4x4 feature map (at least 8)."""
+    out = stride
+    while out > 8 and img_size // out < MIN_FEATURE_MAP:
+        out //= 2
+    return out
+
+
+def encoder_from_spec(spec: dict[str, Any]) -> Encoder:
+    """Rebuild an encoder from the plain-dict spec stored in a checkpoint."""
+    return Encoder(_create_backbone(spec), spec)
+
+
+def save_encoder(encoder: Encoder, path: str | Path) -> None:
+    """Weights plus the spec that rebuilds the architecture, as plain tensors and dicts."""
+    from mfm.io import save_torch
+
+    save_torch({"spec": encoder.spec, "state_dict": encoder.backbone.state_dict()}, path)
+
+
+def load_encoder(path: str | Path) -> Encoder:
+    """Load an encoder saved by ``save_encoder`` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"encoder {path} not found; run the pretrain stage first")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise UserError(
+            f"{path} is not a readable encoder checkpoint ({err.__class__.__name__}); "
+            "rerun the pretrain stage to rewrite it"
+        ) from None
+    if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
+        raise UserError(f"{path} holds no encoder (no spec/state_dict); rerun pretrain")
+    encoder = encoder_from_spec(blob["spec"])
+    encoder.backbone.load_state_dict(blob["state_dict"])
+    return encoder

@@ -1,0 +1,178 @@
+"""The pretrain stage: MFM (or a restoration pretext) on the prepared training images.
+
+A step: batched crop + flip on the device, corrupt (frequency mask, SR, blur or noise),
+normalise, predict the clean image, and score the prediction in frequency space. Writes
+the encoder weights, a resumable checkpoint, dvclive curves and a reconstruction figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mfm.config import Params
+from mfm.data import device_augment, image_dataset, load_meta, make_loader, normalizer
+from mfm.engine import (
+    LoopConfig,
+    TrainLoop,
+    build_optimizer,
+    build_scheduler,
+    resolve_device,
+    scaled_lr,
+)
+from mfm.errors import UserError
+from mfm.figures import reconstruction_figure
+from mfm.frequency import build_corruption
+from mfm.losses import FrequencyLoss
+from mfm.models import MFMModel, build_encoder, save_encoder
+from mfm.paths import PREPARED_DIR, PRETRAIN_DIR
+
+log = logging.getLogger("mfm.pretrain")
+
+FIGURE_IMAGES = 4
+
+
+def training_config(params: Params) -> dict[str, Any]:
+    """The settings that define the trained weights (a checkpoint resumes only if they match)."""
+    return {
+        "data": params.data.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"),
+        "pretrain": params.pretrain.model_dump(
+            mode="json", exclude={"checkpoint_every", "log_every"}
+        ),
+        "seed": params.runtime.seed,
+    }
+
+
+def run(
+    params: Params, prepared_dir: str | Path = PREPARED_DIR, out_dir: str | Path = PRETRAIN_DIR
+) -> dict[str, Any]:
+    """Pretrain an encoder; returns the numbers stored in ``metrics/pretrain.json``."""
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    cfg, runtime = params.pretrain, params.runtime
+    torch.manual_seed(runtime.seed)
+    device = resolve_device(runtime.device)
+    meta = load_meta(prepared_dir)
+    img_size = params.data.img_size
+
+    encoder = build_encoder(params.model, img_size, meta.channels)
+    model = MFMModel(encoder, meta.channels).to(device)
+    corruption = build_corruption(cfg).to(device)
+    loss_fn = FrequencyLoss.from_params(cfg.loss)
+    augment = device_augment(meta, img_size, train=True).to(device)
+    normalize = normalizer(meta).to(device)
+
+    train_set = image_dataset(prepared_dir, "train", img_size, train=True)
+    if len(train_set) < cfg.batch_size:
+        raise UserError(
+            f"pretrain.batch_size = {cfg.batch_size} exceeds the {len(train_set)} training "
+            "images; lower pretrain.batch_size"
+        )
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    lr = scaled_lr(cfg.lr, cfg.batch_size)
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        min_lr=scaled_lr(cfg.min_lr, cfg.batch_size),
+    )
+
+    def step(batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch[0].to(device, non_blocking=True)
+        clean = augment(images)
+        corrupted, mask = corruption.corrupt(clean)
+        prediction = model(normalize(corrupted))
+        return loss_fn(prediction, normalize(clean), mask), {}
+
+    def batches(epoch: int) -> torch.utils.data.DataLoader:
+        return make_loader(
+            train_set,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            seed=runtime.seed,
+            workers=runtime.workers,
+            drop_last=True,
+            epoch=epoch,
+        )
+
+    loop = TrainLoop(
+        model,
+        optimizer,
+        scheduler,
+        step,
+        LoopConfig(
+            epochs=cfg.epochs,
+            device=device,
+            amp=runtime.amp,
+            clip_grad=cfg.clip_grad,
+            seed=runtime.seed,
+            checkpoint_path=out_dir / "checkpoint.pt",
+            checkpoint_every=cfg.checkpoint_every,
+            log_every=cfg.log_every,
+            live_dir=out_dir / "live",
+            config=training_config(params),
+            desc=f"pretrain[{cfg.pretext}]",
+        ),
+    )
+    log.info(
+        "pretrain: %s on %s, %d images, %d steps/epoch, lr %.2e, device %s",
+        params.model.name,
+        meta.dataset,
+        len(train_set),
+        steps_per_epoch,
+        lr,
+        device,
+    )
+    started = time.perf_counter()
+    result = loop.fit(batches)
+    save_encoder(encoder, out_dir / "encoder.pt")
+    save_reconstructions(model, corruption, meta, params, prepared_dir, out_dir, device)
+    return {
+        "pretext": cfg.pretext,
+        "epochs": cfg.epochs,
+        "final_loss": result.last_loss,
+        "images_per_second": result.images_per_second,
+        "train_seconds": time.perf_counter() - started,
+        "resumed_from_epoch": result.resumed_from,
+        "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
+        "lr": lr,
+    }
+
+
+@torch.no_grad()
+def save_reconstructions(
+    model: MFMModel,
+    corruption: torch.nn.Module,
+    meta: Any,
+    params: Params,
+    prepared_dir: Path,
+    out_dir: Path,
+    device: torch.device,
+) -> None:
+    """Corrupt a few test images with a fixed seed and draw what the model predicts."""
+    test_set = image_dataset(prepared_dir, "test", params.data.img_size, train=False)
+    count = min(FIGURE_IMAGES, len(test_set))
+    images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
+    clean = device_augment(meta, params.data.img_size, train=False).to(device)(images)
+    torch.manual_seed(params.runtime.seed)
+    corrupted, mask = corruption.corrupt(clean)
+    if mask is None:
+        mask = torch.ones_like(clean[:, :1])
+    normalize = normalizer(meta).to(device)
+    model.eval()
+    prediction = model(normalize(corrupted))
+    mean = torch.tensor(meta.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std, device=device).view(1, -1, 1, 1)
+    reconstruction_figure(
+        clean,
+        mask,
+        corrupted,
+        prediction.float() * std + mean,
+        out_dir / "reconstruction.png",
+        title=f"{params.pretrain.pretext} pretext on {meta.dataset}",
+    )

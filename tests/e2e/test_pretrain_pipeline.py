@@ -1,0 +1,116 @@
+"""The main job, shrunk: prepare + pretrain through DVC and Snakemake on digits."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from tests.e2e.conftest import Project
+
+pytestmark = pytest.mark.e2e
+
+OUTPUTS = [
+    "data/prepared/meta.json",
+    "data/prepared/train_images.npy",
+    "results/pretrain/encoder.pt",
+    "results/pretrain/reconstruction.png",
+    "metrics/prepare.json",
+    "metrics/pretrain.json",
+]
+
+
+def metrics(project: Project, stage: str) -> dict:
+    return json.loads((project.path / "metrics" / f"{stage}.json").read_text())
+
+
+def test_dvc_repro_caches_and_reruns_only_what_changed(
+    make_project: Callable[..., Project],
+) -> None:
+    project = make_project()
+    first = project.run("dvc", "repro")
+    assert "Running stage 'prepare'" in first.stdout
+    assert "Running stage 'pretrain'" in first.stdout
+    for rel in OUTPUTS:
+        assert (project.path / rel).is_file(), rel
+    pretrain = metrics(project, "pretrain")
+    assert pretrain["epochs"] == 1 and pretrain["final_loss"] > 0
+    assert (project.path / "results/pretrain/live/plots/metrics/train/loss.tsv").is_file()
+    blob = torch.load(project.path / "results/pretrain/encoder.pt", weights_only=True)
+    assert blob["spec"]["name"] == "vit_tiny_patch16_224"
+
+    again = project.run("dvc", "repro")
+    assert "Running stage" not in again.stdout
+    assert "up to date" in project.run("dvc", "status").stdout
+
+    project.set_params({"pretrain": {"lr": 3e-3}})
+    changed = project.run("dvc", "repro")
+    assert "Running stage 'prepare'" not in changed.stdout
+    assert "Running stage 'pretrain'" in changed.stdout
+    shown = project.run("dvc", "params", "diff").stdout
+    assert "pretrain.lr" in shown
+
+
+def test_snakemake_writes_the_same_outputs(make_project: Callable[..., Project]) -> None:
+    by_dvc = make_project(name="dvc")
+    by_dvc.run("dvc", "repro")
+    by_snakemake = make_project(name="snakemake")
+    by_snakemake.run("snakemake", "--cores", "2")
+    for rel in OUTPUTS:
+        assert (by_snakemake.path / rel).is_file(), rel
+    for stage in ("prepare", "pretrain"):
+        assert set(metrics(by_dvc, stage)) == set(metrics(by_snakemake, stage))
+    assert metrics(by_dvc, "prepare") == metrics(by_snakemake, stage="prepare")
+    # Same seed, same CPU: the same training run.
+    assert metrics(by_snakemake, "pretrain")["final_loss"] == pytest.approx(
+        metrics(by_dvc, "pretrain")["final_loss"], rel=1e-4
+    )
+    again = by_snakemake.run("snakemake", "--cores", "2")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def _pretrain_pid(project: Project) -> int | None:
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if "mfm" in cmdline and "pretrain" in cmdline and proc.info["cwd"] == str(project.path):
+                return proc.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def test_killed_pretrain_resumes_from_checkpoint(make_project: Callable[..., Project]) -> None:
+    project = make_project({"pretrain": {"epochs": 30, "checkpoint_every": 1}})
+    project.run("dvc", "repro", "prepare")
+    checkpoint = project.path / "results/pretrain/checkpoint.pt"
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=project.path,
+        env=project.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = _pretrain_pid(project)
+    assert pid is not None, "pretrain finished before it could be killed"
+    subprocess.run(["kill", f"-{signal.SIGKILL.value}", str(pid)], check=True)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (project.path / "metrics/pretrain.json").exists()
+    state = torch.load(checkpoint, weights_only=True)
+    assert not state["complete"]
+
+    rerun = project.run("dvc", "repro")
+    assert f"resuming from epoch {state['epoch']}" in rerun.stdout + rerun.stderr
+    assert metrics(project, "pretrain")["resumed_from_epoch"] == state["epoch"]

@@ -1,0 +1,110 @@
+"""dvc.yaml and the Snakefile must describe the same pipeline: stages, commands, code and
+data deps, params and outputs. Any drift between the two engines fails here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG_REDIRECT = " 2> {log}"
+
+
+def _out_path(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(entry, str):
+        return entry, {}
+    ((path, options),) = entry.items()
+    return path, options or {}
+
+
+def dvc_stages() -> dict[str, dict[str, Any]]:
+    """Each DVC stage as {cmd, deps, params, outs}; persisted outs (resume checkpoints)
+    are engine-private state, so they are left out of the comparison."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages = {}
+    for name, stage in spec.items():
+        outs = set()
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, options = _out_path(entry)
+                if not options.get("persist"):
+                    outs.add(path)
+        stages[name] = {
+            "cmd": stage["cmd"],
+            "deps": set(stage.get("deps", [])),
+            "params": set(stage.get("params", [])),
+            "outs": outs,
+        }
+    return stages
+
+
+def _param_keys(name: str, value: Any, config: dict[str, Any]) -> set[str]:
+    """A rule param holding a whole params.yaml section maps to the section's name, one
+    holding a subset to ``section.key`` for each key, as DVC lists them."""
+    if value == config.get(name):
+        return {name}
+    return {f"{name}.{key}" for key in value}
+
+
+@pytest.fixture(scope="module")
+def snakemake_rules() -> dict[str, dict[str, Any]]:
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ResourceSettings
+
+    cwd = os.getcwd()
+    try:
+        with SnakemakeApi() as api:
+            workflow_api = api.workflow(
+                resource_settings=ResourceSettings(), snakefile=ROOT / "Snakefile", workdir=ROOT
+            )
+            workflow = workflow_api._workflow
+            config = dict(workflow.config)
+            rules = {}
+            for rule in workflow.rules:
+                if rule.shellcmd is None:
+                    continue
+                assert list(rule.log), f"rule {rule.name} has no log:"
+                params: set[str] = set()
+                for name, value in rule.params.items():
+                    params |= _param_keys(name, value, config)
+                rules[rule.name] = {
+                    "cmd": rule.shellcmd.replace(LOG_REDIRECT, ""),
+                    "deps": set(rule.input),
+                    "params": params,
+                    "outs": set(rule.output),
+                }
+    finally:
+        os.chdir(cwd)
+    return rules
+
+
+def test_same_stages(snakemake_rules: dict[str, dict[str, Any]]) -> None:
+    assert set(dvc_stages()) == set(snakemake_rules)
+
+
+@pytest.mark.parametrize("field", ["cmd", "deps", "params", "outs"])
+def test_same_declarations(snakemake_rules: dict[str, dict[str, Any]], field: str) -> None:
+    for name, stage in dvc_stages().items():
+        assert stage[field] == snakemake_rules[name][field], f"{name}: {field} differ"
+
+
+def test_every_stage_command_is_the_cli() -> None:
+    from mfm.cli import STAGES
+
+    for name, stage in dvc_stages().items():
+        assert stage["cmd"] == f"python -m mfm {name}"
+        assert name in STAGES
+
+
+def test_params_listed_in_dvc_exist_in_params_yaml() -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in dvc_stages().items():
+        for key in stage["params"]:
+            node = params
+            for part in key.split("."):
+                assert part in node, f"{name}: param {key} missing from params.yaml"
+                node = node[part]
