@@ -91,17 +91,25 @@ class DatasetMeta(BaseModel):
     source: str
 
 
-def load_meta(prepared_dir: str | Path) -> DatasetMeta:
-    """Read ``meta.json``; a missing or damaged one means prepare has to run (again)."""
+def load_meta(prepared_dir: str | Path, dataset: str | None = None) -> DatasetMeta:
+    """Read ``meta.json``; a missing or damaged one means prepare has to run (again).
+
+    With ``dataset``, data prepared for another ``data.dataset`` is refused, so a stage run by
+    hand after a params change never trains on stale data.
+    """
     path = Path(prepared_dir) / META_FILE
+    again = PREPARE_HINT.replace("first", "again")
     if not path.is_file():
         raise UserError(f"{path} not found; {PREPARE_HINT}")
     try:
-        return DatasetMeta.model_validate_json(path.read_text())
+        meta = DatasetMeta.model_validate_json(path.read_text())
     except (ValidationError, ValueError) as err:
-        kind = err.__class__.__name__
-        again = PREPARE_HINT.replace("first", "again")
-        raise UserError(f"{path} is damaged ({kind}); {again}") from None
+        raise UserError(f"{path} is damaged ({err.__class__.__name__}); {again}") from None
+    if dataset is not None and meta.dataset != dataset:
+        raise UserError(
+            f"{prepared_dir} holds {meta.dataset!r} but data.dataset is {dataset!r}; {again}"
+        )
+    return meta
 
 
 def save_meta(meta: DatasetMeta, prepared_dir: str | Path) -> None:

@@ -36,8 +36,12 @@ def reconstruction_figure(
     path: str | Path,
     title: str,
 ) -> None:
-    """One row per image: image, its spectrum, the kept-frequency mask, input, prediction."""
-    columns = ["image", "log spectrum", "kept frequencies", "corrupted input", "prediction"]
+    """One row per image: image, its spectrum, the kept-frequency mask, input, prediction.
+
+    ``predictions`` should be the model's missing bins completed with the kept ones, since
+    the loss never scores the bins the input already has.
+    """
+    columns = ["image", "log spectrum", "kept frequencies", "corrupted input", "reconstruction"]
     spectra = log_spectrum(images).cpu()
     rows = images.shape[0]
     fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows))

@@ -26,7 +26,7 @@ from mfm.engine import (
 )
 from mfm.errors import UserError
 from mfm.figures import reconstruction_figure
-from mfm.frequency import build_corruption
+from mfm.frequency import build_corruption, filter_spectrum
 from mfm.losses import FrequencyLoss
 from mfm.models import MFMModel, build_encoder, save_encoder
 from mfm.paths import PREPARED_DIR, PRETRAIN_DIR
@@ -56,7 +56,7 @@ def run(
     cfg, runtime = params.pretrain, params.runtime
     torch.manual_seed(runtime.seed)
     device = resolve_device(runtime.device)
-    meta = load_meta(prepared_dir)
+    meta = load_meta(prepared_dir, params.data.dataset)
     img_size = params.data.img_size
 
     encoder = build_encoder(params.model, img_size, meta.channels)
@@ -168,11 +168,14 @@ def save_reconstructions(
     prediction = model(normalize(corrupted))
     mean = torch.tensor(meta.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta.std, device=device).view(1, -1, 1, 1)
+    predicted = prediction.float() * std + mean
+    # The loss only scores the missing bins: show them completed with the bins the input kept.
+    completed = filter_spectrum(predicted, 1 - mask) + filter_spectrum(clean, mask)
     reconstruction_figure(
         clean,
         mask,
         corrupted,
-        prediction.float() * std + mean,
+        completed,
         out_dir / "reconstruction.png",
         title=f"{params.pretrain.pretext} pretext on {meta.dataset}",
     )

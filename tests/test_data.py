@@ -220,3 +220,13 @@ def test_make_loader_workers_match_in_process(digits_dir):
     ]
     for (x0, y0), (x2, y2) in zip(*batches, strict=True):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def test_load_meta_refuses_data_prepared_for_another_dataset(tmp_path: Path) -> None:
+    from mfm.config import Params
+
+    params = Params.model_validate({"data": {"dataset": "digits"}})
+    run(params, tmp_path / "prepared")
+    assert load_meta(tmp_path / "prepared", "digits").dataset == "digits"
+    with pytest.raises(UserError, match="holds 'digits' but data.dataset is 'fashion_mnist'"):
+        load_meta(tmp_path / "prepared", "fashion_mnist")

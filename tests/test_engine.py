@@ -1,0 +1,165 @@
+"""The shared training loop: optimiser groups, schedule, checkpoints, resume, NaN stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from mfm.data import make_loader
+from mfm.engine import (
+    LoopConfig,
+    TrainLoop,
+    build_optimizer,
+    build_scheduler,
+    resolve_device,
+    scaled_lr,
+)
+from mfm.errors import UserError
+from mfm.tracking import trim_history
+
+STEPS_PER_EPOCH = 4
+
+
+class Interrupt(Exception):
+    """Stands in for a kill in the middle of an epoch."""
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+
+
+def make_loop(
+    path: Path, epochs: int = 4, config: dict | None = None, fail_at: int | None = None
+) -> TrainLoop:
+    model = tiny_model()
+    optimizer = build_optimizer(model, lr=0.05, weight_decay=0.05, betas=(0.9, 0.95))
+    scheduler = build_scheduler(optimizer, epochs * STEPS_PER_EPOCH, 2, min_lr=1e-4)
+    calls = {"n": 0}
+
+    def step(batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        calls["n"] += 1
+        if fail_at is not None and calls["n"] == fail_at:
+            raise Interrupt
+        x, y = batch
+        noisy = x + 0.1 * torch.randn_like(x)  # seeded per epoch by the loop
+        return nn.functional.mse_loss(model(noisy).squeeze(1), y), {}
+
+    cfg = LoopConfig(
+        epochs=epochs,
+        device=torch.device("cpu"),
+        amp=False,
+        clip_grad=1.0,
+        seed=0,
+        checkpoint_path=path / "checkpoint.pt",
+        checkpoint_every=1,
+        log_every=1,
+        live_dir=path / "live",
+        config=config or {"lr": 0.05},
+    )
+    return TrainLoop(model, optimizer, scheduler, step, cfg)
+
+
+def batches(epoch: int) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(123)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randn(32, generator=g))
+    return make_loader(data, 8, shuffle=True, seed=0, workers=0, drop_last=True, epoch=epoch)
+
+
+def weights(loop: TrainLoop) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in loop.model.parameters()]
+
+
+def test_no_weight_decay_on_biases_and_norms() -> None:
+    model = tiny_model()
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        expected = 0.05 if param.ndim > 1 else 0.0
+        assert decay_of[id(param)] == expected, name
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_warmup_then_cosine_per_step() -> None:
+    optimizer = build_optimizer(tiny_model(), lr=0.1, weight_decay=0.0, betas=(0.9, 0.999))
+    scheduler = build_scheduler(optimizer, total_steps=100, warmup_steps=10, min_lr=0.001)
+    lrs = []
+    for step in range(100):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.001)
+    assert lrs[10] == pytest.approx(0.1, rel=1e-3)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11], strict=True))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] < 0.002
+    assert scaled_lr(1.5e-3, 128) == pytest.approx(3.75e-4)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight = make_loop(tmp_path / "straight")
+    result = straight.fit(batches)
+    assert result.resumed_from == 0 and len(result.history) == 4
+
+    # Killed in the middle of epoch 3 (steps 1-8 are epochs 1-2): checkpoint says epoch 2.
+    interrupted = make_loop(tmp_path / "resumed", fail_at=2 * STEPS_PER_EPOCH + 2)
+    with pytest.raises(Interrupt):
+        interrupted.fit(batches)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and not state["complete"]
+
+    resumed = make_loop(tmp_path / "resumed")
+    again = resumed.fit(batches)
+    assert again.resumed_from == 2 and again.epochs_run == 2
+    for a, b in zip(weights(straight), weights(resumed), strict=True):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in again.history] == [h["loss"] for h in result.history]
+    loss_rows = (tmp_path / "resumed/live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    steps = [int(row.split("\t")[1]) for row in loss_rows[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 4 * STEPS_PER_EPOCH
+
+
+def test_finished_or_foreign_checkpoints_start_fresh(tmp_path: Path) -> None:
+    make_loop(tmp_path).fit(batches)
+    assert make_loop(tmp_path).fit(batches).resumed_from == 0  # finished run
+
+    with pytest.raises(Interrupt):
+        make_loop(tmp_path, fail_at=STEPS_PER_EPOCH + 1).fit(batches)
+    other = make_loop(tmp_path, config={"lr": 0.1})
+    assert other.fit(batches).resumed_from == 0  # other settings
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    loop.fit(batches)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    broken = make_loop(tmp_path, epochs=5)
+    original = broken.step_fn
+    broken.step_fn = lambda batch: (original(batch)[0] * float("nan"), {})
+    with pytest.raises(UserError, match=r"loss is nan .*last good checkpoint kept"):
+        broken.fit(batches)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_unreadable_checkpoint_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00torn")
+    with pytest.raises(UserError, match="unreadable.*delete it"):
+        make_loop(tmp_path).fit(batches)
+
+
+def test_trim_history_drops_rows_past_the_checkpoint(tmp_path: Path) -> None:
+    tsv = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("timestamp\tstep\tloss\n1\t1\t0.5\n2\t2\t0.4\n3\t3\t0.3\n")
+    trim_history(tmp_path, last_step=2)
+    assert tsv.read_text().splitlines() == ["timestamp\tstep\tloss", "1\t1\t0.5", "2\t2\t0.4"]
+
+
+def test_missing_devices_are_user_errors() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_device("cuda")
