@@ -85,11 +85,11 @@ def build_scheduler(
     """Per-step linear warmup then cosine decay to ``min_lr`` (timm honours ``lr_scale``)."""
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(1, total_steps),
+        t_initial=max(1, total_steps - warmup_steps),
         lr_min=min_lr,
         warmup_t=warmup_steps,
         warmup_lr_init=min_lr,
-        warmup_prefix=False,
+        warmup_prefix=True,
         t_in_epochs=False,
     )
 

@@ -124,7 +124,7 @@ def build_encoder(model: ModelParams, img_size: int, in_chans: int) -> Encoder:
         backbone = _create_backbone({**spec, "img_size": img_size, "patch_size": model.patch_size})
         spec.update(img_size=img_size, patch_size=model.patch_size)
     except UserError as err:  # CNNs are size-agnostic and reject both arguments
-        if "img_size" not in str(err):
+        if "img_size" not in str(err) and "patch_size" not in str(err):
             raise
         backbone = _create_backbone(spec)
     if not hasattr(backbone, "patch_embed"):

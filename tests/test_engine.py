@@ -118,7 +118,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> Non
         assert torch.equal(a, b)
     assert [h["loss"] for h in again.history] == [h["loss"] for h in result.history]
     loss_rows = (tmp_path / "resumed/live/plots/metrics/train/loss.tsv").read_text().splitlines()
-    steps = [int(row.split("\t")[1]) for row in loss_rows[1:]]
+    column = loss_rows[0].split("\t").index("step")
+    steps = [int(row.split("\t")[column]) for row in loss_rows[1:]]
     assert steps == sorted(set(steps)) and steps[-1] == 4 * STEPS_PER_EPOCH
 
 
