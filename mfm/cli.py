@@ -25,21 +25,33 @@ STAGES = {
 }
 
 
+BENCH_HELP = "time pretraining steps on synthetic images; prints JSON (img/s, FFT share)"
+
+
+def _add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (params.yaml)")
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. -S pretrain.epochs=3 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfm", description=__doc__.splitlines()[0])
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    commands = parser.add_subparsers(dest="stage", required=True, metavar="COMMAND")
     for name, help_text in STAGES.items():
-        stage = stages.add_parser(name, help=help_text, description=help_text)
-        stage.add_argument("--params", default=PARAMS_FILE, help="params file (params.yaml)")
-        stage.add_argument(
-            "-S",
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a param, e.g. -S pretrain.epochs=3 (repeatable)",
-        )
+        _add_params_arguments(commands.add_parser(name, help=help_text, description=help_text))
+    bench = commands.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
+    _add_params_arguments(bench)
+    bench.add_argument("--batch-size", type=int, default=None, help="default: pretrain's")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    bench.add_argument("--channels", type=int, default=3, help="image channels")
     return parser
 
 
@@ -52,11 +64,25 @@ def run_stage(stage: str, params_file: str, overrides: list[str]) -> dict:
     return metrics
 
 
+def run_bench(args: argparse.Namespace) -> dict:
+    """The throughput benchmark: prints figures, writes no pipeline output."""
+    from mfm import bench
+
+    params = load_params(args.params, args.overrides)
+    batch_size = args.batch_size or params.pretrain.batch_size
+    if min(batch_size, args.steps, args.channels) < 1 or args.warmup < 0:
+        raise UserError("bench: --batch-size, --steps and --channels must be >= 1, --warmup >= 0")
+    return bench.run(params, batch_size, args.steps, args.warmup, args.channels)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
-        metrics = run_stage(args.stage, args.params, args.overrides)
+        if args.stage == "bench":
+            metrics = run_bench(args)
+        else:
+            metrics = run_stage(args.stage, args.params, args.overrides)
     except UserError as err:
         print(f"mfm {args.stage}: error: {err}", file=sys.stderr)
         return 2

@@ -38,6 +38,10 @@ StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; asking for a missing device is a user error."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        # TF32 matmuls for the fp32 parts (AMP off, or ops autocast keeps in fp32).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

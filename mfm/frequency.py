@@ -63,12 +63,16 @@ def frequency_mask(
 def filter_spectrum(x: Tensor, mask: Tensor) -> Tensor:
     """Keep the centred-spectrum bins where ``mask`` is 1 (same mask for every channel).
 
-    ``ifft2(ifftshift(fftshift(fft2(x)) * M)).real``; half-precision input is filtered in float32.
+    Equal to ``ifft2(ifftshift(fftshift(fft2(x)) * M)).real`` but cheaper: the mask is moved
+    to the unshifted layout instead of the spectrum, and since every mask here is real and
+    point-symmetric, the real FFT's half spectrum carries all the information. Half-precision
+    input is filtered in float32.
     """
+    height, width = x.shape[-2:]
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    spectrum = torch.fft.fftshift(torch.fft.fft2(xf), dim=_SPATIAL)
-    filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * mask, dim=_SPATIAL))
-    return filtered.real.to(x.dtype)
+    half_mask = torch.fft.ifftshift(mask, dim=_SPATIAL)[..., : width // 2 + 1]
+    filtered = torch.fft.irfft2(torch.fft.rfft2(xf) * half_mask, s=(height, width))
+    return filtered.to(x.dtype)
 
 
 class Corruption(IntensityAugmentationBase2D):
@@ -83,7 +87,13 @@ class Corruption(IntensityAugmentationBase2D):
 
     def corrupt(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Corrupt a batch; restoration pretexts have no mask, so the loss covers all bins."""
-        return self(x), None
+        return self.full_precision(x), None
+
+    def full_precision(self, x: Tensor) -> Tensor:
+        """Apply in float32 even inside an autocast region: the corruption defines the target
+        problem, so bf16 rounding must not leak into it."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self(x if x.dtype in (torch.float32, torch.float64) else x.float())
 
 
 class RandomFrequencyMask(Corruption):
@@ -147,7 +157,7 @@ class RandomFrequencyMask(Corruption):
 
     def corrupt(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Filtered batch and the (B, 1, H, W) mask that was applied (1 = kept bin)."""
-        out = self(x)
+        out = self.full_precision(x)
         return out, self.last_mask
 
 
@@ -212,9 +222,8 @@ class RandomGaussianDeblur(Corruption):
         for size in sizes.unique().tolist():
             chosen = (sizes == size).to(input.device)
             k = min(size, largest)
-            out[chosen] = gaussian_blur2d(
-                input[chosen], (k, k), (self.sigma, self.sigma), "reflect"
-            )
+            blurred = gaussian_blur2d(input[chosen], (k, k), (self.sigma, self.sigma), "reflect")
+            out[chosen] = blurred.to(out.dtype)
         return out
 
 

@@ -10,9 +10,14 @@ from mfm.config import LossParams
 _SPATIAL = (-2, -1)
 
 
-def centred_spectrum(x: Tensor) -> Tensor:
-    """Orthonormal 2-D FFT, DC moved to [H // 2, W // 2]; float32 even for bf16/fp16 input."""
-    return torch.fft.fftshift(torch.fft.fft2(x.float(), norm="ortho"), dim=_SPATIAL)
+def spectrum_difference(pred: Tensor, target: Tensor) -> Tensor:
+    """``fft2(pred) - fft2(target)`` (orthonormal, float32) as one FFT of the difference.
+
+    The FFT is linear, so this halves the loss's FFT work. Bins stay in the unshifted layout;
+    masks from ``mfm.frequency`` are centred, so they are ``ifftshift``-ed instead (cheaper
+    than shifting a complex spectrum of every channel).
+    """
+    return torch.fft.fft2(pred.float() - target.float(), norm="ortho")
 
 
 def _safe_pow(magnitude: Tensor, gamma: float) -> Tensor:
@@ -73,12 +78,13 @@ class FrequencyLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Float32 scalar; a ``mask`` (1 = bin kept by the corruption) limits it to the rest."""
-        diff = centred_spectrum(pred) - centred_spectrum(target)
+        diff = spectrum_difference(pred, target)
         loss = _safe_pow(diff.abs(), self.gamma)
         if self.alpha > 0:
             loss = self.focal_weight(loss) * loss
         if mask is None:
             return loss.mean()
-        hidden = (1.0 - _as_4d(mask).to(loss)).expand_as(loss)
+        centred = torch.fft.ifftshift(_as_4d(mask).to(loss), dim=_SPATIAL)
+        hidden = (1.0 - centred).expand_as(loss)
         # Nothing hidden means a zero numerator: the clamp returns 0 and keeps the graph.
         return (loss * hidden).sum() / hidden.sum().clamp_min(1e-12)

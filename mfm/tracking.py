@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-
-from dvclive import Live
+from typing import Any
 
 
 def trim_history(live_dir: Path, last_step: int) -> None:
@@ -27,8 +26,14 @@ def trim_history(live_dir: Path, last_step: int) -> None:
             writer.writerows(kept)
 
 
-def open_live(live_dir: str | Path, resume_step: int | None) -> Live:
-    """A dvclive logger whose metrics and plots are declared in dvc.yaml by hand."""
+def open_live(live_dir: str | Path, resume_step: int | None) -> Any:
+    """A dvclive logger whose metrics and plots are declared in dvc.yaml by hand.
+
+    dvclive is imported here, not at module level, so tools that never log (the benchmark,
+    a GPU box with only torch) do not need it installed.
+    """
+    from dvclive import Live
+
     live_dir = Path(live_dir)
     if resume_step is not None and live_dir.is_dir():
         trim_history(live_dir, resume_step)

@@ -313,3 +313,14 @@ def test_uses_mask_only_for_mfm():
     assert not any(uses_mask(name) for name in ("sr", "deblur", "denoise"))
     with pytest.raises(ValueError):
         uses_mask("jigsaw")
+
+
+@pytest.mark.parametrize("pretext", ["mfm", "sr", "deblur", "denoise"])
+def test_corruptions_stay_float32_inside_autocast(pretext):
+    # The training step runs under autocast; a bf16 conv inside deblur once broke index_put.
+    params = PretrainParams(pretext=pretext)
+    corruption = build_corruption(params)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = corruption.corrupt(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
