@@ -273,7 +273,7 @@ def load_fashion_mnist(params: Params) -> ArrayData:
     pairs = [("train_images", "train_labels"), ("test_images", "test_labels")]
     arrays = [
         _read_split_pair(files[img], files[lab])
-        for img, lab in tqdm(pairs, desc="fashion_mnist", unit="split")
+        for img, lab in tqdm(pairs, desc="fashion_mnist", unit="split", disable=None)
     ]
     (train_x, train_y), (test_x, test_y) = arrays
     return ArrayData(train_x, train_y, test_x, test_y, list(FASHION_CLASSES), str(folder))
@@ -417,7 +417,7 @@ def _read_cifar_batches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate CIFAR batches into (N, 32, 32, 3) uint8 images and int64 labels."""
     images, labels = [], []
-    for name in tqdm(names, desc=layout.folder, unit="file"):
+    for name in tqdm(names, desc=layout.folder, unit="file", disable=None):
         path = folder / name
         entry = _load_pickle(path)
         if "data" not in entry or layout.label_key not in entry:
@@ -475,7 +475,9 @@ def _scan_split(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path, label) rows for one split, labels indexing the training classes."""
     index = {name: i for i, name in enumerate(classes)}
     rows: list[tuple[str, int]] = []
-    for name in tqdm(_class_folders(split_dir), desc=f"scan {split_dir.name}", unit="class"):
+    for name in tqdm(
+        _class_folders(split_dir), desc=f"scan {split_dir.name}", unit="class", disable=None
+    ):
         if name not in index:
             raise UserError(
                 f"class folder {split_dir / name} has no counterpart in "
@@ -537,7 +539,7 @@ def write_prepared(data: SourceData, meta: DatasetMeta, out_dir: str | Path) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(data, ArrayData):
-        for split in tqdm(("train", "test"), desc="write", unit="split"):
+        for split in tqdm(("train", "test"), desc="write", unit="split", disable=None):
             np.save(out_dir / f"{split}_images.npy", getattr(data, f"{split}_images"))
             np.save(out_dir / f"{split}_labels.npy", getattr(data, f"{split}_labels"))
     else:

@@ -227,7 +227,12 @@ class TrainLoop:
         self.model.train()
         total, count, images = 0.0, 0, 0
         start = time.perf_counter()
-        bar = tqdm(batches, desc=f"{self.cfg.desc} {epoch + 1}/{self.cfg.epochs}", leave=False)
+        bar = tqdm(
+            batches,
+            desc=f"{self.cfg.desc} {epoch + 1}/{self.cfg.epochs}",
+            leave=False,
+            disable=None,  # a terminal gets a bar; a log file (Snakemake, SLURM) does not
+        )
         for batch in bar:
             loss, logs = self.train_step(batch, epoch)
             total, count = total + loss, count + 1

@@ -28,10 +28,12 @@ rule pretrain:
         "data/prepared",
         "mfm/pretrain.py",
         "mfm/engine.py",
+        "mfm/tracking.py",
         "mfm/frequency.py",
         "mfm/losses.py",
         "mfm/models.py",
         "mfm/data.py",
+        "mfm/figures.py",
     output:
         "results/pretrain/encoder.pt",
         "results/pretrain/reconstruction.png",
