@@ -24,6 +24,7 @@ repro: setup data
 lint: setup
 	ruff check .
 	ruff format --check .
+	snakefmt --check Snakefile workflow
 	snakemake --lint
 
 test: lint

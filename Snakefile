@@ -11,9 +11,12 @@ PARAMS = validate_params(config, "params.yaml")
 
 
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.pretrain.output,
+        rules.linprobe.output,
+        expand(rules.finetune.output, init=INITS),

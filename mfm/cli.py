@@ -22,7 +22,11 @@ from mfm.paths import metrics_file
 STAGES = {
     "prepare": "prepare the dataset into data/prepared (arrays or a manifest + meta.json)",
     "pretrain": "MFM (or restoration) pretraining; writes results/pretrain/encoder.pt",
+    "linprobe": "logistic-regression and k-NN probes of frozen features, pretrained vs random",
+    "finetune": "supervised fine-tuning from the MFM encoder (--init mfm) or from scratch",
 }
+# Matrix dimensions of a stage (DVC matrix / Snakemake wildcard): option -> choices.
+VARIANTS = {"finetune": {"init": ("mfm", "scratch")}}
 
 
 BENCH_HELP = "time pretraining steps on synthetic images; prints JSON (img/s, FFT share)"
@@ -45,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="stage", required=True, metavar="COMMAND")
     for name, help_text in STAGES.items():
-        _add_params_arguments(commands.add_parser(name, help=help_text, description=help_text))
+        stage = commands.add_parser(name, help=help_text, description=help_text)
+        _add_params_arguments(stage)
+        for option, choices in VARIANTS.get(name, {}).items():
+            stage.add_argument(f"--{option}", choices=choices, required=True)
     bench = commands.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
     _add_params_arguments(bench)
     bench.add_argument("--batch-size", type=int, default=None, help="default: pretrain's")
@@ -55,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(stage: str, params_file: str, overrides: list[str]) -> dict:
+def run_stage(
+    stage: str, params_file: str, overrides: list[str], variant: dict[str, str] | None = None
+) -> dict:
     """Validate params, run the stage, store its metrics; returns the metrics."""
+    variant = variant or {}
     params = load_params(params_file, overrides)
     module = importlib.import_module(f"mfm.{stage}")
-    metrics = module.run(params)
-    write_json(metrics_file(stage), metrics)
+    metrics = module.run(params, **variant)
+    write_json(metrics_file(stage, *variant.values()), metrics)
     return metrics
 
 
@@ -82,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "bench":
             metrics = run_bench(args)
         else:
-            metrics = run_stage(args.stage, args.params, args.overrides)
+            variant = {name: getattr(args, name) for name in VARIANTS.get(args.stage, {})}
+            metrics = run_stage(args.stage, args.params, args.overrides, variant)
     except UserError as err:
         print(f"mfm {args.stage}: error: {err}", file=sys.stderr)
         return 2

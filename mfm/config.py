@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from mfm.errors import UserError
 
@@ -20,6 +27,16 @@ PARAMS_FILE = "params.yaml"
 
 DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagefolder"]
 PretextName = Literal["mfm", "sr", "deblur", "denoise"]
+
+
+def _check_crop_scale(value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not 0 < low <= high <= 1:
+        raise ValueError("crop_scale must be [low, high] with 0 < low <= high <= 1")
+    return value
+
+
+CropScale = Annotated[tuple[float, float], AfterValidator(_check_crop_scale)]
 
 
 class StrictModel(BaseModel):
@@ -118,6 +135,7 @@ class PretrainParams(StrictModel):
     warmup_epochs: float = Field(1.0, ge=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
+    crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range.")
     clip_grad: float | None = Field(3.0, gt=0.0)
     checkpoint_every: int = Field(1, ge=1, description="Epochs between resumable checkpoints.")
     log_every: int = Field(10, ge=1, description="Steps between logged losses.")
@@ -126,6 +144,62 @@ class PretrainParams(StrictModel):
     sr: SRParams = Field(default_factory=SRParams)
     deblur: DeblurParams = Field(default_factory=DeblurParams)
     denoise: DenoiseParams = Field(default_factory=DenoiseParams)
+
+
+class LinprobeParams(StrictModel):
+    """Frozen-feature probes: logistic regression (C picked on held-out train) and k-NN."""
+
+    pool: Literal["mean", "cls"] = Field(
+        "mean", description="ViT feature: mean of patch tokens or the cls token (CNNs: mean)."
+    )
+    train_limit: int | None = Field(
+        10000, ge=10, description="Seeded subset of training images to fit the probes on."
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Held out to pick C.")
+    c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
+    max_iter: int = Field(1000, ge=10)
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0.0)
+    batch_size: int = Field(256, ge=1, description="Images per feature-extraction batch.")
+
+    @field_validator("c_grid")
+    @classmethod
+    def _positive_c(cls, value: list[float]) -> list[float]:
+        if any(c <= 0 for c in value):
+            raise ValueError("every C must be > 0")
+        return value
+
+
+class FinetuneParams(StrictModel):
+    """Supervised fine-tuning recipe, shared by the pretrained and the scratch run."""
+
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0.0, description="Base lr per 512 images (linear scaling).")
+    min_lr: float = Field(1e-5, ge=0.0)
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float | None = Field(
+        0.75, gt=0.0, le=1.0, description="Layer-wise lr decay (ViTs); null = off."
+    )
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    clip_grad: float | None = Field(None, gt=0.0)
+    mixup: float = Field(0.8, ge=0.0, description="Mixup alpha; 0 = off.")
+    cutmix: float = Field(1.0, ge=0.0, description="CutMix alpha; 0 = off.")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    auto_augment: str | None = Field(
+        "rand-m9-mstd0.5-inc1", description="timm RandAugment string; null = off."
+    )
+    reprob: float = Field(0.25, ge=0.0, le=1.0, description="Random erasing probability.")
+    min_augment_size: int = Field(
+        24, ge=1, description="RandAugment and erasing only for images at least this large."
+    )
+    crop_scale: CropScale = Field(
+        (0.35, 1.0), description="RandomResizedCrop area range (small images need > 0.08)."
+    )
+    checkpoint_every: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1)
 
 
 class RuntimeParams(StrictModel):
@@ -139,6 +213,8 @@ class Params(StrictModel):
     data: DataParams = Field(default_factory=DataParams)
     model: ModelParams = Field(default_factory=ModelParams)
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    linprobe: LinprobeParams = Field(default_factory=LinprobeParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
 
 

@@ -640,13 +640,19 @@ class ManifestImages(Dataset):
         return self.transform(self._decode(self.paths[index])), self.labels[index]
 
 
-def image_transform(img_size: int, train: bool) -> Callable[[Any], torch.Tensor]:
+CropScale = tuple[float, float]
+PRETRAIN_CROP_SCALE: CropScale = (0.2, 1.0)  # the MFM recipe's RandomResizedCrop
+
+
+def image_transform(
+    img_size: int, train: bool, crop_scale: CropScale = PRETRAIN_CROP_SCALE
+) -> Callable[[Any], torch.Tensor]:
     """Per-image PIL -> uint8 (C, size, size): random resized crop, or resize + centre crop."""
     from torchvision.transforms import v2
 
     bicubic = v2.InterpolationMode.BICUBIC
     if train:
-        resize = [v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=bicubic)]
+        resize = [v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=bicubic)]
     else:
         resize = [
             v2.Resize(int(img_size / EVAL_CROP_RATIO), interpolation=bicubic),
@@ -655,7 +661,13 @@ def image_transform(img_size: int, train: bool) -> Callable[[Any], torch.Tensor]
     return v2.Compose([*resize, v2.PILToTensor()])
 
 
-def image_dataset(prepared_dir: str | Path, split: Split, img_size: int, train: bool) -> Dataset:
+def image_dataset(
+    prepared_dir: str | Path,
+    split: Split,
+    img_size: int,
+    train: bool,
+    crop_scale: CropScale = PRETRAIN_CROP_SCALE,
+) -> Dataset:
     """The prepared ``split`` as a Dataset of (uint8 (C, H, W), label)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -666,7 +678,8 @@ def image_dataset(prepared_dir: str | Path, split: Split, img_size: int, train: 
             prepared_dir / f"{split}_images.npy", prepared_dir / f"{split}_labels.npy"
         )
     paths, labels = read_manifest(prepared_dir / f"{split}.csv", meta.source)
-    return ManifestImages(paths, labels, image_transform(img_size, train), meta.channels)
+    transform = image_transform(img_size, train, crop_scale)
+    return ManifestImages(paths, labels, transform, meta.channels)
 
 
 def make_loader(
@@ -729,7 +742,9 @@ class ResizeSquare(nn.Module):
         )
 
 
-def device_augment(meta: DatasetMeta, img_size: int, train: bool) -> nn.Module:
+def device_augment(
+    meta: DatasetMeta, img_size: int, train: bool, crop_scale: CropScale = PRETRAIN_CROP_SCALE
+) -> nn.Module:
     """Batched augmentation on the training device: uint8 (B, C, H, W) -> float [0, 1] crops.
 
     Arrays are stored at native size, so they are cropped (train) or resized (eval) here;
@@ -740,7 +755,7 @@ def device_augment(meta: DatasetMeta, img_size: int, train: bool) -> nn.Module:
     steps: list[nn.Module] = [ToUnitFloat()]
     if meta.kind == "arrays" and train:
         size = (img_size, img_size)
-        crop = K.RandomResizedCrop(size, scale=(0.2, 1.0), resample="bicubic")
+        crop = K.RandomResizedCrop(size, scale=crop_scale, resample="bicubic")
         steps += [crop, K.RandomHorizontalFlip(), Clamp01()]
     elif meta.kind == "arrays":
         steps += [ResizeSquare(img_size), Clamp01()]

@@ -89,10 +89,12 @@ def _create_backbone(spec: dict[str, Any]) -> nn.Module:
         if spec.get(key) is not None:
             kwargs[key] = spec[key]
     try:
+        if spec.get("global_pool") is not None:
+            kwargs["global_pool"] = spec["global_pool"]
         return timm.create_model(
             spec["name"],
             pretrained=False,
-            num_classes=0,
+            num_classes=spec.get("num_classes", 0),
             in_chans=spec["in_chans"],
             drop_path_rate=spec.get("drop_path_rate", 0.0),
             **kwargs,
@@ -172,3 +174,84 @@ def load_encoder(path: str | Path) -> Encoder:
     encoder = encoder_from_spec(blob["spec"])
     encoder.backbone.load_state_dict(blob["state_dict"])
     return encoder
+
+
+# -- classifiers -------------------------------------------------------------------------
+HEAD_PREFIXES = ("head.", "fc.", "fc_norm.", "classifier.", "head_drop.")
+# With mean pooling, timm ViTs swap the final norm for a fresh fc_norm (the MAE/MFM recipe).
+REPLACED_PREFIXES = ("norm.",)
+
+
+def build_classifier(
+    model: ModelParams, img_size: int, in_chans: int, num_classes: int, drop_path_rate: float
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A timm classifier of the encoder's architecture: mean-pooled features, fresh head.
+
+    Returned as the plain timm model (so timm's layer decay and ONNX export see it as-is),
+    with the spec that rebuilds it.
+    """
+    encoder_spec = build_encoder(model, img_size, in_chans).spec
+    spec = {
+        **encoder_spec,
+        "num_classes": num_classes,
+        "global_pool": "avg",
+        "drop_path_rate": drop_path_rate,
+    }
+    return _create_backbone(spec), spec
+
+
+def load_encoder_weights(classifier: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Copy pretrained encoder weights into ``classifier``; report what did not match.
+
+    Only the head (and, for mean-pooled ViTs, the final norm) may differ: any other missing
+    or unexpected key, or a shape mismatch, means the checkpoint is another architecture.
+    """
+    path = Path(path)
+    encoder = load_encoder(path)
+    state = encoder.backbone.state_dict()
+    own = classifier.state_dict()
+    fix = "rerun pretrain with the current model params, or set model.* to the checkpoint's"
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise UserError(
+                f"{path} holds another architecture ({encoder.spec['name']}): {key} is "
+                f"{tuple(tensor.shape)} there but {tuple(own[key].shape)} here; {fix}"
+            )
+    result = classifier.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(REPLACED_PREFIXES)]
+    missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
+    if unexpected or missing:
+        odd = (unexpected or missing)[:3]
+        raise UserError(
+            f"{path} holds another architecture ({encoder.spec['name']}): keys {odd} do not "
+            f"match; {fix}"
+        )
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+
+
+def save_classifier(
+    classifier: nn.Module, spec: dict[str, Any], info: dict[str, Any], path: str | Path
+) -> None:
+    """Weights, the spec that rebuilds the model, and what a user of it needs (``info``:
+    classes, mean/std, image size), as plain tensors and dicts."""
+    from mfm.io import save_torch
+
+    save_torch({"spec": spec, "state_dict": classifier.state_dict(), "info": info}, path)
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a classifier saved by ``save_classifier``; returns it with its ``info``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"classifier {path} not found; run the finetune stage first")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise UserError(
+            f"{path} is not a readable classifier ({err.__class__.__name__}); rerun finetune"
+        ) from None
+    if not isinstance(blob, dict) or not {"spec", "state_dict", "info"} <= set(blob):
+        raise UserError(f"{path} holds no classifier (spec/state_dict/info); rerun finetune")
+    model = _create_backbone(blob["spec"])
+    model.load_state_dict(blob["state_dict"])
+    return model, blob["info"]

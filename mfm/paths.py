@@ -7,9 +7,11 @@ from pathlib import Path
 
 PREPARED_DIR = Path("data/prepared")
 PRETRAIN_DIR = Path("results/pretrain")
+FINETUNE_DIR = Path("results/finetune")
 METRICS_DIR = Path("metrics")
 
 
-def metrics_file(stage: str) -> Path:
-    """``metrics/<stage>.json``: one JSON of numbers per stage, declared as DVC metrics."""
-    return METRICS_DIR / f"{stage}.json"
+def metrics_file(stage: str, *variant: str) -> Path:
+    """``metrics/<stage>[_<variant>].json``: one JSON of numbers per stage (and matrix item),
+    declared as DVC metrics."""
+    return METRICS_DIR / f"{'_'.join((stage, *variant))}.json"

@@ -63,10 +63,10 @@ def run(
     model = MFMModel(encoder, meta.channels).to(device)
     corruption = build_corruption(cfg).to(device)
     loss_fn = FrequencyLoss.from_params(cfg.loss)
-    augment = device_augment(meta, img_size, train=True).to(device)
+    augment = device_augment(meta, img_size, train=True, crop_scale=cfg.crop_scale).to(device)
     normalize = normalizer(meta).to(device)
 
-    train_set = image_dataset(prepared_dir, "train", img_size, train=True)
+    train_set = image_dataset(prepared_dir, "train", img_size, True, cfg.crop_scale)
     if len(train_set) < cfg.batch_size:
         raise UserError(
             f"pretrain.batch_size = {cfg.batch_size} exceeds the {len(train_set)} training "

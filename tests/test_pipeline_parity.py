@@ -4,6 +4,7 @@ data deps, params and outputs. Any drift between the two engines fails here."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,16 @@ LOG_REDIRECT = " 2> {log}"
 
 def _out_path(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if isinstance(entry, str):
-        return entry, {}
+        return _placeholders(entry), {}
     ((path, options),) = entry.items()
-    return path, options or {}
+    return _placeholders(path), options or {}
+
+
+def _placeholders(text: str) -> str:
+    """DVC's ``${item.init}``, Snakemake's ``{wildcards.init}`` and its constrained
+    ``{init,mfm|scratch}`` all become ``{init}``."""
+    text = text.replace("${item.", "{").replace("{wildcards.", "{")
+    return re.sub(r"\{(\w+),[^}]*\}", r"{\1}", text)
 
 
 def dvc_stages() -> dict[str, dict[str, Any]]:
@@ -34,8 +42,9 @@ def dvc_stages() -> dict[str, dict[str, Any]]:
                 if not options.get("persist"):
                     outs.add(path)
         stages[name] = {
-            "cmd": stage["cmd"],
-            "deps": set(stage.get("deps", [])),
+            "cmd": _placeholders(stage["cmd"]),
+            "deps": {_placeholders(dep) for dep in stage.get("deps", [])},
+            "matrix": stage.get("matrix", {}),
             "params": set(stage.get("params", [])),
             "outs": outs,
         }
@@ -72,10 +81,10 @@ def snakemake_rules() -> dict[str, dict[str, Any]]:
                 for name, value in rule.params.items():
                     params |= _param_keys(name, value, config)
                 rules[rule.name] = {
-                    "cmd": rule.shellcmd.replace(LOG_REDIRECT, ""),
-                    "deps": set(rule.input),
+                    "cmd": _placeholders(rule.shellcmd.replace(LOG_REDIRECT, "")),
+                    "deps": {_placeholders(str(path)) for path in rule.input},
                     "params": params,
-                    "outs": set(rule.output),
+                    "outs": {_placeholders(str(path)) for path in rule.output},
                 }
     finally:
         os.chdir(cwd)
@@ -86,18 +95,31 @@ def test_same_stages(snakemake_rules: dict[str, dict[str, Any]]) -> None:
     assert set(dvc_stages()) == set(snakemake_rules)
 
 
-@pytest.mark.parametrize("field", ["cmd", "deps", "params", "outs"])
+@pytest.mark.parametrize("field", ["cmd", "deps", "params", "outs"])  # "matrix" is DVC's
 def test_same_declarations(snakemake_rules: dict[str, dict[str, Any]], field: str) -> None:
     for name, stage in dvc_stages().items():
         assert stage[field] == snakemake_rules[name][field], f"{name}: {field} differ"
 
 
 def test_every_stage_command_is_the_cli() -> None:
-    from mfm.cli import STAGES
+    """``python -m mfm <stage>`` plus one ``--option {option}`` per matrix dimension, whose
+    values are exactly the CLI's choices (and Snakemake's wildcard values)."""
+    from mfm.cli import STAGES, VARIANTS
 
     for name, stage in dvc_stages().items():
-        assert stage["cmd"] == f"python -m mfm {name}"
         assert name in STAGES
+        variants = VARIANTS.get(name, {})
+        options = "".join(f" --{option} {{{option}}}" for option in variants)
+        assert stage["cmd"] == f"python -m mfm {name}{options}"
+        assert {k: tuple(v) for k, v in stage["matrix"].items()} == variants
+
+
+def test_wildcard_values_match_the_cli_choices() -> None:
+    from mfm.cli import VARIANTS
+
+    rules = (ROOT / "workflow" / "rules" / "evaluate.smk").read_text()
+    for choices in VARIANTS["finetune"].values():
+        assert f"INITS = {list(choices)!r}".replace("'", '"') in rules
 
 
 def test_params_listed_in_dvc_exist_in_params_yaml() -> None:

@@ -9,16 +9,16 @@ rule prepare:
     output:
         directory("data/prepared"),
         "metrics/prepare.json",
+    log:
+        "logs/prepare.log",
+    conda:
+        "../envs/mfm.yaml"
     params:
         data={
             key: config["data"][key]
             for key in ("dataset", "root", "download", "train_limit", "test_limit")
         },
         runtime={"seed": config["runtime"]["seed"]},
-    log:
-        "logs/prepare.log",
-    conda:
-        "../envs/mfm.yaml"
     shell:
         "python -m mfm prepare 2> {log}"
 
@@ -39,14 +39,14 @@ rule pretrain:
         "results/pretrain/reconstruction.png",
         "metrics/pretrain.json",
         directory("results/pretrain/live/plots/metrics"),
+    log:
+        "logs/pretrain.log",
+    conda:
+        "../envs/mfm.yaml"
     params:
         data={"img_size": config["data"]["img_size"]},
         model=config["model"],
         pretrain=config["pretrain"],
         runtime=config["runtime"],
-    log:
-        "logs/pretrain.log",
-    conda:
-        "../envs/mfm.yaml"
     shell:
         "python -m mfm pretrain 2> {log}"

@@ -1,0 +1,293 @@
+"""The finetune stage: the same supervised recipe from the MFM encoder or from scratch.
+
+timm does the recipe: layer-wise lr decay through ``create_optimizer_v2``, drop path,
+RandAugment, random erasing, Mixup/CutMix with soft-target cross-entropy, label smoothing.
+The shared loop does the rest (schedule, AMP, checkpoints, resume, dvclive). Every epoch is
+scored on the test split; the last epoch's classifier is the output (picking the best epoch
+on the test set would flatter the number), the best one is kept beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+from mfm.config import FinetuneParams, Params
+from mfm.data import (
+    DatasetMeta,
+    device_augment,
+    image_dataset,
+    load_meta,
+    make_loader,
+    normalizer,
+)
+from mfm.engine import (
+    LoopConfig,
+    TrainLoop,
+    build_optimizer,
+    build_scheduler,
+    resolve_device,
+    scaled_lr,
+)
+from mfm.errors import UserError
+from mfm.io import atomic_path
+from mfm.models import build_classifier, load_encoder_weights, save_classifier
+from mfm.paths import FINETUNE_DIR, PREPARED_DIR, PRETRAIN_DIR
+
+log = logging.getLogger("mfm.finetune")
+
+INITS = ("mfm", "scratch")
+
+
+class RandAugmented(Dataset):
+    """Applies timm's RandAugment to each uint8 (C, H, W) image of ``dataset`` (via PIL)."""
+
+    def __init__(self, dataset: Dataset, config: str, channels: int, img_size: int) -> None:
+        self.dataset = dataset
+        fill = 124 if channels == 1 else (124, 116, 104)  # grey images need a scalar fill
+        hparams = {"translate_const": int(img_size * 0.45), "img_mean": fill}
+        self.transform = rand_augment_transform(config, hparams)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return pil_to_tensor(self.transform(to_pil_image(image))), label
+
+
+def _mixer(cfg: FinetuneParams, num_classes: int) -> Mixup | None:
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def mix_batch(
+    mixer: Mixup | None, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup/CutMix pairs images, so an odd batch loses its last image instead of failing."""
+    if mixer is None:
+        return images, labels
+    if images.shape[0] % 2:
+        images, labels = images[:-1], labels[:-1]
+    return mixer(images, labels)
+
+
+def _criterion(cfg: FinetuneParams, mixing: bool) -> nn.Module:
+    if mixing:
+        return SoftTargetCrossEntropy()  # Mixup already smoothed the targets
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    meta: DatasetMeta,
+    img_size: int,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Top-1/top-5 (percent) and mean cross-entropy; also the labels and predictions."""
+    prepare = nn.Sequential(device_augment(meta, img_size, train=False), normalizer(meta))
+    prepare = prepare.to(device)
+    model.eval()
+    k = min(5, meta.num_classes)
+    loss_sum, top1, topk, labels_all, preds_all = 0.0, 0, 0, [], []
+    loader = make_loader(dataset, batch_size, False, 0, workers, drop_last=False)
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(prepare(images)).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        best = logits.topk(k, dim=1).indices
+        top1 += (best[:, 0] == labels).sum().item()
+        topk += (best == labels[:, None]).any(dim=1).sum().item()
+        labels_all.append(labels.cpu().numpy())
+        preds_all.append(best[:, 0].cpu().numpy())
+    count = max(1, len(dataset))
+    scores = {"top1": 100 * top1 / count, f"top{k}": 100 * topk / count, "loss": loss_sum / count}
+    return scores, np.concatenate(labels_all), np.concatenate(preds_all)
+
+
+def write_predictions(
+    path: Path, labels: np.ndarray, preds: np.ndarray, classes: list[str]
+) -> None:
+    """``actual,predicted`` class names per test image: DVC's confusion-matrix template."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((classes[a], classes[p]) for a, p in zip(labels, preds, strict=True))
+
+
+def training_config(params: Params, init: str) -> dict[str, Any]:
+    """Settings that define the fine-tuned weights (a checkpoint resumes only if they match)."""
+    return {
+        "init": init,
+        "data": params.data.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"),
+        "finetune": params.finetune.model_dump(
+            mode="json", exclude={"checkpoint_every", "log_every"}
+        ),
+        "seed": params.runtime.seed,
+    }
+
+
+def _train_dataset(prepared_dir: Path, meta: DatasetMeta, params: Params) -> Dataset:
+    cfg, img_size = params.finetune, params.data.img_size
+    dataset = image_dataset(prepared_dir, "train", img_size, True, cfg.crop_scale)
+    native = min(meta.image_size) if meta.image_size else img_size
+    if cfg.auto_augment and native >= cfg.min_augment_size:
+        dataset = RandAugmented(dataset, cfg.auto_augment, meta.channels, native)
+    return dataset
+
+
+def run(
+    params: Params,
+    init: str = "mfm",
+    prepared_dir: str | Path = PREPARED_DIR,
+    pretrain_dir: str | Path = PRETRAIN_DIR,
+    out_root: str | Path = FINETUNE_DIR,
+) -> dict[str, Any]:
+    """Fine-tune from ``init`` (mfm: the pretrained encoder; scratch: random init)."""
+    if init not in INITS:
+        raise UserError(f"finetune --init {init!r}: choose one of {', '.join(INITS)}")
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_root) / init
+    cfg, runtime, img_size = params.finetune, params.runtime, params.data.img_size
+    torch.manual_seed(runtime.seed)
+    device = resolve_device(runtime.device)
+    meta = load_meta(prepared_dir, params.data.dataset)
+
+    model, spec = build_classifier(
+        params.model, img_size, meta.channels, meta.num_classes, cfg.drop_path_rate
+    )
+    if init == "mfm":
+        report = load_encoder_weights(model, Path(pretrain_dir) / "encoder.pt")
+        log.info("finetune: encoder loaded; new: %s; dropped: %s", *report.values())
+    model = model.to(device)
+
+    train_set = _train_dataset(prepared_dir, meta, params)
+    test_set = image_dataset(prepared_dir, "test", img_size, train=False)
+    if len(train_set) < cfg.batch_size:
+        raise UserError(
+            f"finetune.batch_size = {cfg.batch_size} exceeds the {len(train_set)} training "
+            "images; lower finetune.batch_size"
+        )
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    lr = scaled_lr(cfg.lr, cfg.batch_size)
+    layer_decay = cfg.layer_decay if hasattr(model, "patch_embed") else None
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, layer_decay)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        min_lr=scaled_lr(cfg.min_lr, cfg.batch_size),
+    )
+    augment = device_augment(meta, img_size, train=True, crop_scale=cfg.crop_scale).to(device)
+    normalize = normalizer(meta).to(device)
+    erase = None
+    if cfg.reprob > 0 and img_size >= cfg.min_augment_size:
+        erase = RandomErasing(cfg.reprob, mode="pixel", device=str(device))
+    mixer = _mixer(cfg, meta.num_classes)
+    criterion = _criterion(cfg, mixing=mixer is not None)
+
+    def step(batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        images = normalize(augment(images))
+        if erase is not None:
+            images = erase(images)
+        images, targets = mix_batch(mixer, images, labels)
+        return criterion(model(images), targets), {}
+
+    def batches(epoch: int) -> torch.utils.data.DataLoader:
+        return make_loader(
+            train_set, cfg.batch_size, True, runtime.seed, runtime.workers, True, epoch
+        )
+
+    last: dict[str, Any] = {}
+
+    def on_epoch_end(epoch: int) -> dict[str, float]:
+        scores, labels, preds = evaluate(
+            model, test_set, meta, img_size, 256, device, runtime.workers
+        )
+        earlier = [h["test_top1"] for h in loop.history]  # includes epochs before a resume
+        if not earlier or scores["top1"] > max(earlier):
+            save_classifier(model, spec, _info(meta, params, init), out_dir / "best.pt")
+        last.update(scores=scores, labels=labels, preds=preds)
+        return {f"test_{name}": value for name, value in scores.items()}
+
+    loop = TrainLoop(
+        model,
+        optimizer,
+        scheduler,
+        step,
+        LoopConfig(
+            epochs=cfg.epochs,
+            device=device,
+            amp=runtime.amp,
+            clip_grad=cfg.clip_grad,
+            seed=runtime.seed,
+            checkpoint_path=out_dir / "checkpoint.pt",
+            checkpoint_every=cfg.checkpoint_every,
+            log_every=cfg.log_every,
+            live_dir=out_dir / "live",
+            config=training_config(params, init),
+            desc=f"finetune[{init}]",
+        ),
+    )
+    log.info(
+        "finetune[%s]: %s on %s, %d images, %d steps/epoch, lr %.2e",
+        init,
+        params.model.name,
+        meta.dataset,
+        len(train_set),
+        steps_per_epoch,
+        lr,
+    )
+    result = loop.fit(batches, on_epoch_end)
+    save_classifier(model, spec, _info(meta, params, init), out_dir / "classifier.pt")
+    write_predictions(out_dir / "predictions.csv", last["labels"], last["preds"], meta.classes)
+    best_epoch = max(result.history, key=lambda h: h["test_top1"])
+    return {
+        "init": init,
+        "epochs": cfg.epochs,
+        **last["scores"],
+        "best_top1": best_epoch["test_top1"],
+        "best_epoch": int(best_epoch["epoch"]),
+        "train_loss": result.last_loss,
+        "images_per_second": result.images_per_second,
+        "resumed_from_epoch": result.resumed_from,
+    }
+
+
+def _info(meta: DatasetMeta, params: Params, init: str) -> dict[str, Any]:
+    """What a user of the classifier needs besides the weights."""
+    return {
+        "classes": list(meta.classes),
+        "mean": list(meta.mean),
+        "std": list(meta.std),
+        "img_size": params.data.img_size,
+        "channels": meta.channels,
+        "dataset": meta.dataset,
+        "init": init,
+    }

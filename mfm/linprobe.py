@@ -1,0 +1,377 @@
+"""The linprobe stage: are the pretrained encoder's frozen features better than random ones?
+
+Both the pretrained encoder and a randomly initialised one of the same architecture (the
+init the scratch baseline starts from) embed a seeded subset of the training images and the
+whole test split once; two probes then score those features: a logistic regression whose C
+is picked on held-out training images, and the weighted k-NN used in SSL papers. The
+difference between the two encoders is what pretraining bought.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
+
+from mfm.config import LinprobeParams, Params
+from mfm.data import DatasetMeta, device_augment, image_dataset, load_meta, make_loader, normalizer
+from mfm.engine import resolve_device
+from mfm.errors import UserError
+from mfm.models import Encoder, encoder_from_spec, load_encoder
+from mfm.paths import PREPARED_DIR, PRETRAIN_DIR
+
+log = logging.getLogger("mfm.linprobe")
+
+ENCODER_FILE = "encoder.pt"
+RERUN_PRETRAIN = "rerun the pretrain stage (dvc repro pretrain) for the current data"
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _post_pool_norm(encoder: Encoder) -> nn.Module:
+    """timm's ``fc_norm``: ViTs built for pooled heads normalise after pooling, not before."""
+    norm = getattr(encoder.backbone, "fc_norm", None)
+    return norm if isinstance(norm, nn.Module) else nn.Identity()
+
+
+def _has_cls_token(encoder: Encoder) -> bool:
+    """Token 0 is a class token only when the model has one (not a register token)."""
+    if encoder.num_prefix_tokens == 0:
+        return False
+    return getattr(encoder.backbone, "cls_token", "unknown") is not None
+
+
+def pool_features(encoder: Encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """One (B, D) vector per image: pooled patch tokens or the cls token (ViT), mean map (CNN)."""
+    features = encoder.forward_features(images)
+    if not encoder.is_vit:
+        return features.mean(dim=(-2, -1))
+    if pool == "cls":
+        if not _has_cls_token(encoder):
+            raise UserError(
+                f"linprobe.pool = 'cls' but {encoder.spec['name']} has no class token; "
+                "set linprobe.pool: mean"
+            )
+        pooled = features[:, 0]
+    elif pool == "mean":
+        pooled = features[:, encoder.num_prefix_tokens :].mean(dim=1)
+    else:
+        raise ValueError(f"pool must be 'mean' or 'cls', not {pool!r}")
+    return _post_pool_norm(encoder)(pooled)
+
+
+def extract_features(
+    encoder: Encoder,
+    dataset: Dataset,
+    meta: DatasetMeta,
+    img_size: int,
+    pool: str,
+    batch_size: int,
+    device: torch.device | str,
+    workers: int = 0,
+    desc: str = "features",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features (N, D) float32 and labels (N,) int64 of ``dataset``, in its order."""
+    encoder = encoder.to(device).eval()  # outside inference mode: weights stay normal tensors
+    prepare = nn.Sequential(device_augment(meta, img_size, train=False), normalizer(meta))
+    loader = make_loader(
+        dataset, batch_size, shuffle=False, seed=0, workers=workers, drop_last=False
+    )
+    batches = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
+    return _embed(encoder, prepare.to(device), batches, pool, device)
+
+
+@torch.inference_mode()
+def _embed(
+    encoder: Encoder,
+    prepare: nn.Module,
+    batches: Any,
+    pool: str,
+    device: torch.device | str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features of every (uint8 images, labels) batch, gathered on the CPU."""
+    features, labels = [], []
+    for images, targets in batches:
+        pooled = pool_features(encoder, prepare(images.to(device, non_blocking=True)), pool)
+        features.append(pooled.float().cpu().numpy())
+        labels.append(np.asarray(targets, dtype=np.int64))
+    if not features:
+        return np.zeros((0, encoder.num_features), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(features).astype(np.float32), np.concatenate(labels)
+
+
+# --------------------------------------------------------------------------- logistic probe
+
+
+def _fit_counting_convergence(model: Any, x: np.ndarray, y: np.ndarray) -> bool:
+    """Fit; return False if it stopped at max_iter.
+
+    sklearn warns once per fit, which floods a C sweep; the caller logs one line instead.
+    Every other warning is passed on untouched.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y)
+    converged = True
+    for item in caught:
+        if issubclass(item.category, ConvergenceWarning):
+            converged = False
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    return converged
+
+
+def _logistic(c: float, max_iter: int) -> Any:
+    """Standardised features into a multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+
+
+def _can_stratify(labels: np.ndarray, n_val: int) -> bool:
+    """A stratified split needs >= 2 images per class and room for every class on both sides."""
+    counts = np.unique(labels, return_counts=True)[1]
+    classes = len(counts)
+    return bool(counts.min() >= 2) and classes <= n_val <= len(labels) - classes
+
+
+def split_held_out(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded fit/held-out indices, stratified whenever the class counts allow it."""
+    from sklearn.model_selection import train_test_split
+
+    n_val = max(1, math.ceil(val_fraction * len(labels)))
+    stratify = labels if _can_stratify(labels, n_val) else None
+    fit_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=n_val, stratify=stratify, random_state=seed
+    )
+    return fit_idx, val_idx
+
+
+def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float(100.0 * np.mean(model.predict(x) == y))
+
+
+def _check_classes(labels: np.ndarray, what: str) -> None:
+    """A classifier needs two classes; a tiny subset may not have them."""
+    if len(np.unique(labels)) < 2:
+        raise UserError(
+            f"the linprobe {what} holds a single class; raise linprobe.train_limit "
+            "(or lower linprobe.val_fraction)"
+        )
+
+
+def fit_logistic(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    c_grid: list[float],
+    val_fraction: float,
+    max_iter: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Pick C on held-out training images, refit on all of them, score the test set."""
+    _check_classes(train_y, "training subset")
+    fit_idx, val_idx = split_held_out(train_y, val_fraction, seed)
+    _check_classes(train_y[fit_idx], "fit part of the training subset")
+    val_top1: dict[str, float] = {}
+    unconverged: list[float] = []
+    best_c, best_score = None, -1.0
+    for c in sorted(set(c_grid)):  # ascending, and only a strictly better score moves on
+        model = _logistic(c, max_iter)
+        if not _fit_counting_convergence(model, train_x[fit_idx], train_y[fit_idx]):
+            unconverged.append(c)
+        score = _accuracy(model, train_x[val_idx], train_y[val_idx])
+        val_top1[str(c)] = score
+        if score > best_score:
+            best_c, best_score = c, score
+    assert best_c is not None  # c_grid is validated non-empty
+    model = _logistic(best_c, max_iter)
+    if not _fit_counting_convergence(model, train_x, train_y):
+        unconverged.append(best_c)
+    if unconverged:
+        log.warning(
+            "logistic regression stopped at max_iter = %d for C in %s; "
+            "raise linprobe.max_iter if the accuracies look low",
+            max_iter,
+            sorted(set(unconverged)),
+        )
+    return {"top1": _accuracy(model, test_x, test_y), "C": float(best_c), "val_top1": val_top1}
+
+
+# --------------------------------------------------------------------------- k-NN probe
+
+
+def _knn_votes(
+    sims: torch.Tensor, train_y: torch.Tensor, k: int, temperature: float, num_classes: int
+) -> torch.Tensor:
+    """Per-class sums of exp(sim / T) over the k most similar training images."""
+    top_sims, top_idx = sims.topk(k, dim=1)
+    # Shifting by the row maximum scales a row's weights alike: same argmax, no overflow.
+    weights = ((top_sims - top_sims[:, :1]) / temperature).exp()
+    votes = weights.new_zeros(sims.shape[0], num_classes)
+    return votes.scatter_add_(1, train_y[top_idx], weights)
+
+
+def knn_top1(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk: int = 1024,
+) -> float:
+    """Weighted k-NN top-1 in percent on cosine similarity (InstDisc / DINO evaluation)."""
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise ValueError("k-NN needs at least one training and one test sample")
+    train = nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)
+    test = nn.functional.normalize(torch.as_tensor(test_x, dtype=torch.float32), dim=1)
+    labels = torch.as_tensor(train_y, dtype=torch.int64)
+    k = min(k, len(train))
+    correct = 0
+    for start in range(0, len(test), chunk):
+        sims = test[start : start + chunk] @ train.T
+        predicted = _knn_votes(sims, labels, k, temperature, num_classes).argmax(dim=1)
+        truth = torch.as_tensor(test_y[start : start + chunk], dtype=torch.int64)
+        correct += int((predicted == truth).sum())
+    return 100.0 * correct / len(test)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _check_encoder_fits(encoder: Encoder, meta: DatasetMeta, img_size: int) -> None:
+    """An encoder pretrained on other data would fail deep inside timm; say so up front."""
+    spec = encoder.spec
+    if spec["in_chans"] != meta.channels:
+        raise UserError(
+            f"the pretrained encoder takes {spec['in_chans']}-channel images but "
+            f"{meta.dataset} has {meta.channels}; {RERUN_PRETRAIN}"
+        )
+    if spec.get("img_size") is not None and spec["img_size"] != img_size:
+        raise UserError(
+            f"the pretrained encoder was built for {spec['img_size']} px images but "
+            f"data.img_size is {img_size}; {RERUN_PRETRAIN}"
+        )
+
+
+def train_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded random subset of ``limit`` images (kept in dataset order); all if None or more."""
+    total = len(dataset)
+    if limit is None or limit >= total:
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(total, generator=generator)[:limit].sort().values
+    return Subset(dataset, keep.tolist())
+
+
+def probe_encoder(
+    encoder: Encoder,
+    name: str,
+    train_set: Dataset,
+    test_set: Dataset,
+    meta: DatasetMeta,
+    params: Params,
+    device: torch.device,
+) -> tuple[dict[str, float], int]:
+    """Both probes on one encoder's features; returns its metrics and the feature size."""
+    cfg: LinprobeParams = params.linprobe
+    common = {
+        "meta": meta,
+        "img_size": params.data.img_size,
+        "pool": cfg.pool,
+        "batch_size": cfg.batch_size,
+        "device": device,
+        "workers": params.runtime.workers,
+    }
+    train_x, train_y = extract_features(encoder, train_set, desc=f"{name} train", **common)
+    test_x, test_y = extract_features(encoder, test_set, desc=f"{name} test", **common)
+    logistic = fit_logistic(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        cfg.c_grid,
+        cfg.val_fraction,
+        cfg.max_iter,
+        params.runtime.seed,
+    )
+    knn = knn_top1(
+        train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature, meta.num_classes
+    )
+    metrics = {"logreg_top1": logistic["top1"], "logreg_C": logistic["C"], "knn_top1": knn}
+    log.info(
+        "linprobe[%s]: logreg %.2f%% (C=%g), %d-NN %.2f%%",
+        name,
+        metrics["logreg_top1"],
+        metrics["logreg_C"],
+        cfg.knn_k,
+        knn,
+    )
+    return metrics, int(train_x.shape[1])
+
+
+def run(
+    params: Params,
+    prepared_dir: str | Path = PREPARED_DIR,
+    pretrain_dir: str | Path = PRETRAIN_DIR,
+) -> dict[str, Any]:
+    """Probe the pretrained and a random encoder; returns ``metrics/linprobe.json``."""
+    prepared_dir, pretrain_dir = Path(prepared_dir), Path(pretrain_dir)
+    seed, img_size = params.runtime.seed, params.data.img_size
+    torch.manual_seed(seed)
+    device = resolve_device(params.runtime.device)
+    meta = load_meta(prepared_dir, params.data.dataset)
+    pretrained = load_encoder(pretrain_dir / ENCODER_FILE)
+    _check_encoder_fits(pretrained, meta, img_size)
+    torch.manual_seed(seed)  # the very init the scratch baseline starts from
+    random_init = encoder_from_spec(pretrained.spec)
+
+    full_train = image_dataset(prepared_dir, "train", img_size, train=False)
+    train_set = train_subset(full_train, params.linprobe.train_limit, seed)
+    test_set = image_dataset(prepared_dir, "test", img_size, train=False)
+    log.info(
+        "linprobe: %s on %s, %d train / %d test images, pool %s, device %s",
+        pretrained.spec["name"],
+        meta.dataset,
+        len(train_set),
+        len(test_set),
+        params.linprobe.pool,
+        device,
+    )
+    scores: dict[str, dict[str, float]] = {}
+    feature_dim = 0
+    for name, encoder in (("pretrained", pretrained), ("random", random_init)):
+        scores[name], feature_dim = probe_encoder(
+            encoder, name, train_set, test_set, meta, params, device
+        )
+    gain = {
+        key: scores["pretrained"][key] - scores["random"][key]
+        for key in ("logreg_top1", "knn_top1")
+    }
+    return {
+        "pool": params.linprobe.pool,
+        "train_images": len(train_set),
+        "test_images": len(test_set),
+        "feature_dim": feature_dim,
+        **scores,
+        "gain": gain,
+    }
