@@ -20,6 +20,7 @@ data:
 
 repro: setup data
 	dvc repro
+	dvc metrics show
 
 lint: setup
 	ruff check .

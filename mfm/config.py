@@ -173,6 +173,21 @@ class LinprobeParams(StrictModel):
 class FinetuneParams(StrictModel):
     """Supervised fine-tuning recipe, shared by the pretrained and the scratch run."""
 
+    @field_validator("auto_augment")
+    @classmethod
+    def _posterize_safe(cls, value: str | None) -> str | None:
+        # timm's increasing posterize keeps 4 - int(4 * m / 10) bits: 0 at magnitude 10,
+        # which current Pillow rejects mid-training. Capping the magnitude at 9 avoids it.
+        if value and "inc1" in value.split("-") and not any(
+            part.startswith("mmax") and part[4:].isdigit() and int(part[4:]) <= 9
+            for part in value.split("-")
+        ):
+            raise ValueError(
+                "with inc1, add -mmax9 (e.g. rand-m9-mstd0.5-inc1-mmax9): at magnitude 10 "
+                "timm asks Pillow to posterize to 0 bits, which Pillow rejects"
+            )
+        return value
+
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0.0, description="Base lr per 512 images (linear scaling).")
@@ -189,7 +204,7 @@ class FinetuneParams(StrictModel):
     cutmix: float = Field(1.0, ge=0.0, description="CutMix alpha; 0 = off.")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     auto_augment: str | None = Field(
-        "rand-m9-mstd0.5-inc1", description="timm RandAugment string; null = off."
+        "rand-m9-mstd0.5-inc1-mmax9", description="timm RandAugment string; null = off."
     )
     reprob: float = Field(0.25, ge=0.0, le=1.0, description="Random erasing probability.")
     min_augment_size: int = Field(
@@ -200,6 +215,33 @@ class FinetuneParams(StrictModel):
     )
     checkpoint_every: int = Field(1, ge=1)
     log_every: int = Field(10, ge=1)
+
+
+class RobustnessParams(StrictModel):
+    """ImageNet-C-style corruption of the test split, and the real benchmarks when given."""
+
+    num_images: int | None = Field(
+        1000, ge=1, description="Seeded subset of the prepared test split to corrupt (null = all)."
+    )
+    corruptions: Literal["common", "all"] = Field(
+        "common", description="common = the 15 mCE corruptions; all adds the 4 held-out ones."
+    )
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1)
+    baseline: Literal["scratch"] = Field(
+        "scratch", description="Classifier whose errors normalise CE on non-ImageNet data."
+    )
+    batch_size: int = Field(256, ge=1)
+    imagenet_c: str | None = Field(None, description="Root of ImageNet-C (released layout).")
+    imagenet_a: str | None = None
+    imagenet_r: str | None = None
+    imagenet_sketch: str | None = None
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, value: list[int]) -> list[int]:
+        if any(s < 1 or s > 5 for s in value) or len(set(value)) != len(value):
+            raise ValueError("severities must be distinct values in 1..5")
+        return sorted(value)
 
 
 class RuntimeParams(StrictModel):
@@ -215,6 +257,7 @@ class Params(StrictModel):
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
     linprobe: LinprobeParams = Field(default_factory=LinprobeParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    robustness: RobustnessParams = Field(default_factory=RobustnessParams)
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
 
 

@@ -28,6 +28,8 @@ TINY_PARAMS: dict[str, Any] = {
         "kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 2},
     },
     "pretrain": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.0, "log_every": 5},
+    "linprobe": {"train_limit": 400, "c_grid": [0.1, 1.0]},
+    "finetune": {"epochs": 1, "batch_size": 64, "log_every": 5},
     "runtime": {"device": "cpu", "seed": 0, "workers": 0},
 }
 

@@ -1,4 +1,4 @@
-"""The main job, shrunk: prepare + pretrain through DVC and Snakemake on digits."""
+"""The main job, shrunk: every stage through DVC and Snakemake on digits."""
 
 from __future__ import annotations
 
@@ -22,7 +22,13 @@ OUTPUTS = [
     "results/pretrain/reconstruction.png",
     "metrics/prepare.json",
     "metrics/pretrain.json",
+    "metrics/linprobe.json",
+    "metrics/finetune_mfm.json",
+    "metrics/finetune_scratch.json",
+    "results/finetune/mfm/classifier.pt",
+    "results/finetune/scratch/predictions.csv",
 ]
+STAGES = ("prepare", "pretrain", "linprobe", "finetune_mfm", "finetune_scratch")
 
 
 def metrics(project: Project, stage: str) -> dict:
@@ -34,8 +40,8 @@ def test_dvc_repro_caches_and_reruns_only_what_changed(
 ) -> None:
     project = make_project()
     first = project.run("dvc", "repro")
-    assert "Running stage 'prepare'" in first.stdout
-    assert "Running stage 'pretrain'" in first.stdout
+    for stage in ("prepare", "pretrain", "linprobe", "finetune@mfm", "finetune@scratch"):
+        assert f"Running stage '{stage}'" in first.stdout
     for rel in OUTPUTS:
         assert (project.path / rel).is_file(), rel
     pretrain = metrics(project, "pretrain")
@@ -63,12 +69,15 @@ def test_snakemake_writes_the_same_outputs(make_project: Callable[..., Project])
     by_snakemake.run("snakemake", "--cores", "2")
     for rel in OUTPUTS:
         assert (by_snakemake.path / rel).is_file(), rel
-    for stage in ("prepare", "pretrain"):
+    for stage in STAGES:
         assert set(metrics(by_dvc, stage)) == set(metrics(by_snakemake, stage))
     assert metrics(by_dvc, "prepare") == metrics(by_snakemake, stage="prepare")
     # Same seed, same CPU: the same training run.
     assert metrics(by_snakemake, "pretrain")["final_loss"] == pytest.approx(
         metrics(by_dvc, "pretrain")["final_loss"], rel=1e-4
+    )
+    assert metrics(by_snakemake, "finetune_mfm")["top1"] == pytest.approx(
+        metrics(by_dvc, "finetune_mfm")["top1"]
     )
     again = by_snakemake.run("snakemake", "--cores", "2")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -114,3 +123,51 @@ def test_killed_pretrain_resumes_from_checkpoint(make_project: Callable[..., Pro
     rerun = project.run("dvc", "repro")
     assert f"resuming from epoch {state['epoch']}" in rerun.stdout + rerun.stderr
     assert metrics(project, "pretrain")["resumed_from_epoch"] == state["epoch"]
+
+
+def _experiments(shown: list[dict]) -> dict[str, dict]:
+    """``dvc exp show --json`` rows (baseline and experiments) keyed by pretext, with the
+    metrics files each one reports."""
+    rows: dict[str, dict] = {}
+
+    def visit(entry: dict) -> None:
+        data = entry.get("data") or {}
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+        pretext = params.get("pretrain", {}).get("pretext")
+        if pretext and data.get("metrics"):
+            rows[pretext] = {path: m.get("data", {}) for path, m in data["metrics"].items()}
+        for child in entry.get("experiments") or []:
+            for revision in child.get("revs") or []:
+                visit(revision)
+
+    for entry in shown:
+        visit(entry)
+    return rows
+
+
+def test_experiment_with_another_pretext_is_diffable(make_project: Callable[..., Project]) -> None:
+    project = make_project()
+    project.run("dvc", "repro")
+    project.commit("baseline run")
+    project.run("dvc", "exp", "run", "-S", "pretrain.pretext=sr", "--name", "sr-pretext")
+
+    shown = _experiments(json.loads(project.run("dvc", "exp", "show", "--json").stdout))
+    assert {"mfm", "sr"} <= set(shown)
+    for pretext in ("mfm", "sr"):
+        assert shown[pretext]["metrics/pretrain.json"]["pretext"] == pretext
+        assert "top1" in shown[pretext]["metrics/finetune_mfm.json"]
+        assert "gain" in shown[pretext]["metrics/linprobe.json"]
+    # scratch does not depend on the pretext: same recipe, same seed, same number
+    assert (
+        shown["sr"]["metrics/finetune_scratch.json"]["top1"]
+        == shown["mfm"]["metrics/finetune_scratch.json"]["top1"]
+    )
+
+    diff = json.loads(project.run("dvc", "metrics", "diff", "--json").stdout)
+    assert "metrics/pretrain.json" in diff
+    assert (
+        diff["metrics/pretrain.json"]["final_loss"]["old"]
+        != (diff["metrics/pretrain.json"]["final_loss"]["new"])
+    )
+    params = project.run("dvc", "params", "diff").stdout
+    assert "pretrain.pretext" in params and "sr" in params
