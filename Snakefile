@@ -12,6 +12,7 @@ PARAMS = validate_params(config, "params.yaml")
 
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/robustness.smk"
 
 
 rule all:
@@ -20,3 +21,4 @@ rule all:
         rules.pretrain.output,
         rules.linprobe.output,
         expand(rules.finetune.output, init=INITS),
+        rules.robustness.output,

@@ -24,6 +24,8 @@ STAGES = {
     "pretrain": "MFM (or restoration) pretraining; writes results/pretrain/encoder.pt",
     "linprobe": "logistic-regression and k-NN probes of frozen features, pretrained vs random",
     "finetune": "supervised fine-tuning from the MFM encoder (--init mfm) or from scratch",
+    "corrupt": "ImageNet-C-style corruptions of the test split (CIFAR-10-C layout), built once",
+    "robustness": "every classifier on the corrupted test set: errors, mCE, relative mCE",
 }
 # Matrix dimensions of a stage (DVC matrix / Snakemake wildcard): option -> choices.
 VARIANTS = {"finetune": {"init": ("mfm", "scratch")}}
@@ -70,7 +72,11 @@ def run_stage(
     params = load_params(params_file, overrides)
     module = importlib.import_module(f"mfm.{stage}")
     metrics = module.run(params, **variant)
-    write_json(metrics_file(stage, *variant.values()), metrics)
+    if getattr(module, "METRICS_PER_KEY", False):  # one stage, one file per classifier
+        for key, values in metrics.items():
+            write_json(metrics_file(stage, *variant.values(), key), values)
+    else:
+        write_json(metrics_file(stage, *variant.values()), metrics)
     return metrics
 
 

@@ -178,9 +178,13 @@ class FinetuneParams(StrictModel):
     def _posterize_safe(cls, value: str | None) -> str | None:
         # timm's increasing posterize keeps 4 - int(4 * m / 10) bits: 0 at magnitude 10,
         # which current Pillow rejects mid-training. Capping the magnitude at 9 avoids it.
-        if value and "inc1" in value.split("-") and not any(
-            part.startswith("mmax") and part[4:].isdigit() and int(part[4:]) <= 9
-            for part in value.split("-")
+        if (
+            value
+            and "inc1" in value.split("-")
+            and not any(
+                part.startswith("mmax") and part[4:].isdigit() and int(part[4:]) <= 9
+                for part in value.split("-")
+            )
         ):
             raise ValueError(
                 "with inc1, add -mmax9 (e.g. rand-m9-mstd0.5-inc1-mmax9): at magnitude 10 "

@@ -11,9 +11,11 @@ severity, image index), so any image can be rebuilt alone and the output is the 
 whatever the number of worker processes or the chunking.
 
 Worker processes are started with ``forkserver`` (``spawn`` where that is missing): the
-parent has imported torch and runs tqdm's monitor thread, and forking a process with
+parent has imported torch and may run tqdm's monitor thread, and forking a process with
 threads is unsafe. This module therefore imports nothing heavy at the top; the data layer
-(torch) is imported inside :func:`run` only, so workers start in about a second.
+(torch) is imported inside :func:`run` only, so workers start in about a second. As with
+any such pool, a script that calls :func:`build` or :func:`run` with several workers needs
+an ``if __name__ == "__main__":`` guard (``python -m mfm corrupt`` has one).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,31 +40,17 @@ from mfm.config import Params
 from mfm.errors import UserError
 from mfm.io import atomic_dir, write_json
 from mfm.paths import PREPARED_DIR
+from mfm.robustness_metrics import IMAGENET_C_CORRUPTIONS, IMAGENET_C_EXTRAS
 
 CORRUPTED_DIR = Path("data/corrupted")
 INFO_FILE = "info.json"
 LABELS_FILE = "labels.npy"
+CLEAN_FILE = "clean.npy"  # the uncorrupted images, so clean error uses the very same subset
 REBUILD_HINT = "run `dvc repro corrupt` (or python -m mfm corrupt)"
 
 # ImageNet-C's 15 mCE corruptions in the paper's order, then the 4 held-out extras.
-COMMON_CORRUPTIONS = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
-EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+COMMON_CORRUPTIONS = IMAGENET_C_CORRUPTIONS
+EXTRA_CORRUPTIONS = IMAGENET_C_EXTRAS
 ALL_CORRUPTIONS = COMMON_CORRUPTIONS + EXTRA_CORRUPTIONS
 
 MIN_SIDE = 32  # imagecorruptions refuses smaller images
@@ -232,12 +222,28 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 def _results(
     tasks: list[tuple[Chunk, np.ndarray, int]], workers: int
 ) -> Iterator[Iterator[tuple[Chunk, np.ndarray]]]:
-    """Corrupted chunks in any order: inline for one worker, else from a process pool."""
+    """Corrupted chunks in any order: inline for one worker, else from worker processes.
+
+    A ``ProcessPoolExecutor`` rather than a ``Pool``: when a worker dies (out of memory, or
+    a script that calls this without an ``if __name__ == "__main__":`` guard) it fails at
+    once instead of replacing the worker and waiting forever for the lost chunk.
+    """
     if workers <= 1:
         yield map(_corrupt_task, tasks)
         return
-    with _pool_context().Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
-        yield pool.imap_unordered(_corrupt_task, tasks)
+    executor = ProcessPoolExecutor(
+        min(workers, len(tasks)), mp_context=_pool_context(), initializer=_init_worker
+    )
+    try:
+        futures = [executor.submit(_corrupt_task, task) for task in tasks]
+        yield (future.result() for future in as_completed(futures))
+    except BrokenProcessPool:
+        raise UserError(
+            "a corruption worker process died (out of memory?); lower runtime.workers "
+            "(1 runs in-process), and guard scripts with `if __name__ == '__main__':`"
+        ) from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _open_outputs(
@@ -276,6 +282,7 @@ def build(
     for array in outputs.values():
         array.flush()
     np.save(out_dir / LABELS_FILE, np.asarray(labels, dtype=np.int64))
+    np.save(out_dir / CLEAN_FILE, np.ascontiguousarray(images, dtype=np.uint8))
     info = {
         "corruptions": list(names),
         "severities": list(severities),
@@ -363,6 +370,7 @@ class CorruptedSet:
 
     info: dict[str, Any]
     labels: np.ndarray
+    clean: np.ndarray
     arrays: dict[str, np.ndarray]
 
     def images(self, name: str, severity: int) -> np.ndarray:
@@ -404,11 +412,14 @@ def _read_set(out_dir: Path) -> CorruptedSet:
     num = info["num_images"]
     shape = (len(info["severities"]) * num, *info["image_size"], info["channels"])
     labels = _read_checked(out_dir / LABELS_FILE, (num,), np.int64)
+    clean = _read_checked(
+        out_dir / CLEAN_FILE, (num, *info["image_size"], info["channels"]), np.uint8
+    )
     arrays = {
         name: _read_checked(out_dir / f"{name}.npy", shape, np.uint8)
         for name in info["corruptions"]
     }
-    return CorruptedSet(info, np.asarray(labels), arrays)
+    return CorruptedSet(info, np.asarray(labels), clean, arrays)
 
 
 def load_corrupted(out_dir: str | Path = CORRUPTED_DIR) -> CorruptedSet:

@@ -8,6 +8,7 @@ from pathlib import Path
 PREPARED_DIR = Path("data/prepared")
 PRETRAIN_DIR = Path("results/pretrain")
 FINETUNE_DIR = Path("results/finetune")
+ROBUSTNESS_DIR = Path("results/robustness")
 METRICS_DIR = Path("metrics")
 
 

@@ -18,14 +18,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mfm.errors import UserError  # noqa: E402
-from mfm.io import atomic_path  # noqa: E402
+from mfm.errors import UserError
+from mfm.io import atomic_path
 
 SeverityErrors = Mapping[str, Mapping[int, float]]
 
@@ -219,6 +215,8 @@ def error_heatmap(errors: SeverityErrors, path: str | Path, title: str) -> None:
         for col, severity in enumerate(severities):
             if severity in errors[name]:
                 table[row, col] = 100.0 * errors[name][severity]
+    from mfm.figures import plt  # matplotlib only where a figure is drawn (not in workers)
+
     fig, axis = plt.subplots(figsize=(1.2 + 0.9 * len(severities), 1.2 + 0.38 * len(names)))
     image = axis.imshow(np.ma.masked_invalid(table), cmap="viridis", vmin=0, vmax=100)
     _annotate(axis, table)

@@ -251,3 +251,5 @@ def test_run_on_digits(tmp_path, monkeypatch):
     test_labels = np.load(tmp_path / "prepared" / "test_labels.npy")
     keep = subset_indices(len(test_labels), 8, 0, mfm.corrupt.SUBSET_STREAM)
     np.testing.assert_array_equal(data.labels, test_labels[keep])
+    test_images = np.load(tmp_path / "prepared" / "test_images.npy")
+    np.testing.assert_array_equal(data.clean, test_images[keep])

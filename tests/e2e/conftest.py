@@ -30,6 +30,7 @@ TINY_PARAMS: dict[str, Any] = {
     "pretrain": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.0, "log_every": 5},
     "linprobe": {"train_limit": 400, "c_grid": [0.1, 1.0]},
     "finetune": {"epochs": 1, "batch_size": 64, "log_every": 5},
+    "robustness": {"num_images": 16, "severities": [1, 3]},
     "runtime": {"device": "cpu", "seed": 0, "workers": 0},
 }
 

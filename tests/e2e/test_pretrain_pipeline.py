@@ -27,8 +27,22 @@ OUTPUTS = [
     "metrics/finetune_scratch.json",
     "results/finetune/mfm/classifier.pt",
     "results/finetune/scratch/predictions.csv",
+    "metrics/corrupt.json",
+    "data/corrupted/glass_blur.npy",
+    "metrics/robustness_mfm.json",
+    "metrics/robustness_scratch.json",
+    "results/robustness/mfm/heatmap.png",
 ]
-STAGES = ("prepare", "pretrain", "linprobe", "finetune_mfm", "finetune_scratch")
+STAGES = (
+    "prepare",
+    "pretrain",
+    "linprobe",
+    "finetune_mfm",
+    "finetune_scratch",
+    "corrupt",
+    "robustness_mfm",
+    "robustness_scratch",
+)
 
 
 def metrics(project: Project, stage: str) -> dict:
@@ -40,8 +54,17 @@ def test_dvc_repro_caches_and_reruns_only_what_changed(
 ) -> None:
     project = make_project()
     first = project.run("dvc", "repro")
-    for stage in ("prepare", "pretrain", "linprobe", "finetune@mfm", "finetune@scratch"):
+    for stage in (
+        "prepare",
+        "pretrain",
+        "linprobe",
+        "finetune@mfm",
+        "finetune@scratch",
+        "corrupt",
+        "robustness",
+    ):
         assert f"Running stage '{stage}'" in first.stdout
+    assert metrics(project, "robustness_scratch")["mce"] == pytest.approx(100.0)
     for rel in OUTPUTS:
         assert (project.path / rel).is_file(), rel
     pretrain = metrics(project, "pretrain")
@@ -57,6 +80,7 @@ def test_dvc_repro_caches_and_reruns_only_what_changed(
     project.set_params({"pretrain": {"lr": 3e-3}})
     changed = project.run("dvc", "repro")
     assert "Running stage 'prepare'" not in changed.stdout
+    assert "Running stage 'corrupt'" not in changed.stdout  # model-independent, built once
     assert "Running stage 'pretrain'" in changed.stdout
     shown = project.run("dvc", "params", "diff").stdout
     assert "pretrain.lr" in shown
@@ -78,6 +102,9 @@ def test_snakemake_writes_the_same_outputs(make_project: Callable[..., Project])
     )
     assert metrics(by_snakemake, "finetune_mfm")["top1"] == pytest.approx(
         metrics(by_dvc, "finetune_mfm")["top1"]
+    )
+    assert metrics(by_snakemake, "robustness_mfm")["mce"] == pytest.approx(
+        metrics(by_dvc, "robustness_mfm")["mce"]
     )
     again = by_snakemake.run("snakemake", "--cores", "2")
     assert "Nothing to be done" in again.stdout + again.stderr

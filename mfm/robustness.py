@@ -1,0 +1,148 @@
+"""The robustness stage: every fine-tuned classifier on the corrupted test set (and on
+ImageNet-C/A/R/Sketch when their roots are given).
+
+One stage scores all classifiers, so each is evaluated once and the pretrained one's
+corruption errors are normalised by the scratch classifier's (the AlexNet of a dataset that
+has no published baseline). Writes ``metrics/robustness_<init>.json`` and a heatmap each.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm import tqdm
+
+from mfm.benchmarks import evaluate_benchmarks
+from mfm.config import Params
+from mfm.corrupt import CORRUPTED_DIR, CorruptedSet, load_corrupted
+from mfm.data import DatasetMeta, load_meta
+from mfm.engine import resolve_device
+from mfm.errors import UserError
+from mfm.finetune import INITS, evaluate
+from mfm.models import load_classifier
+from mfm.paths import FINETUNE_DIR, PREPARED_DIR, ROBUSTNESS_DIR
+from mfm.robustness_metrics import IMAGENET_C_CORRUPTIONS, error_heatmap, robustness_report
+
+log = logging.getLogger("mfm.robustness")
+
+# The CLI writes one metrics file per key of the returned dict: metrics/robustness_<init>.json
+METRICS_PER_KEY = True
+
+SeverityErrors = dict[str, dict[int, float]]
+
+
+def error_rate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    meta: DatasetMeta,
+    img_size: int,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Top-1 error (a fraction) on uint8 (N, H, W, C) images, preprocessed as at test time."""
+    tensors = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # copy: a read-only memmap
+    dataset = TensorDataset(tensors, torch.tensor(np.asarray(labels), dtype=torch.int64))
+    scores, _, _ = evaluate(model, dataset, meta, img_size, batch_size, device)
+    return 1.0 - scores["top1"] / 100.0
+
+
+def score_classifier(
+    model: nn.Module,
+    corrupted: CorruptedSet,
+    meta: DatasetMeta,
+    img_size: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+) -> tuple[float, SeverityErrors]:
+    """Clean error and the error table (corruption -> severity -> error) of one classifier."""
+    clean = error_rate(model, corrupted.clean, corrupted.labels, meta, img_size, batch_size, device)
+    errors: SeverityErrors = {}
+    sets = list(corrupted.items())
+    for name, severity, images in tqdm(sets, desc=desc, unit="set", leave=False, disable=None):
+        errors.setdefault(name, {})[severity] = error_rate(
+            model, images, corrupted.labels, meta, img_size, batch_size, device
+        )
+    return clean, errors
+
+
+def _load(finetune_dir: Path, init: str, meta: DatasetMeta, device: torch.device) -> nn.Module:
+    model, info = load_classifier(finetune_dir / init / "classifier.pt")
+    if info.get("dataset") != meta.dataset or len(info.get("classes", [])) != meta.num_classes:
+        raise UserError(
+            f"{finetune_dir / init / 'classifier.pt'} was trained on {info.get('dataset')!r}, "
+            f"not the prepared {meta.dataset!r}; rerun finetune (dvc repro)"
+        )
+    return model.to(device).eval()
+
+
+def _benchmarks(
+    model: nn.Module, params: Params, meta: DatasetMeta, device: torch.device
+) -> dict[str, Any]:
+    cfg = params.robustness
+    paths = {
+        "imagenet_c": cfg.imagenet_c,
+        "imagenet_a": cfg.imagenet_a,
+        "imagenet_r": cfg.imagenet_r,
+        "imagenet_sketch": cfg.imagenet_sketch,
+    }
+    if not any(paths.values()):
+        return {}
+    if meta.num_classes != 1000:
+        raise UserError(
+            f"robustness.imagenet_* score ImageNet-1k classifiers, but this one has "
+            f"{meta.num_classes} classes ({meta.dataset}); unset them or fine-tune on ImageNet"
+        )
+    return evaluate_benchmarks(
+        model, paths, cfg.batch_size, device, cfg.severities, params.runtime.workers
+    )
+
+
+def run(
+    params: Params,
+    prepared_dir: str | Path = PREPARED_DIR,
+    corrupted_dir: str | Path = CORRUPTED_DIR,
+    finetune_dir: str | Path = FINETUNE_DIR,
+    out_dir: str | Path = ROBUSTNESS_DIR,
+) -> dict[str, dict[str, Any]]:
+    """Score every init's classifier; returns {init: report} (one metrics file each)."""
+    cfg, img_size = params.robustness, params.data.img_size
+    device = resolve_device(params.runtime.device)
+    meta = load_meta(prepared_dir, params.data.dataset)
+    corrupted = load_corrupted(corrupted_dir)
+    names = [n for n in corrupted.info["corruptions"] if n in IMAGENET_C_CORRUPTIONS]
+    scored = {}
+    for init in INITS:
+        model = _load(Path(finetune_dir), init, meta, device)
+        clean, errors = score_classifier(
+            model, corrupted, meta, img_size, cfg.batch_size, device, f"robustness[{init}]"
+        )
+        scored[init] = (model, clean, errors)
+    _, base_clean, base_errors = scored[cfg.baseline]
+    reports = {}
+    for init, (model, clean, errors) in scored.items():
+        report = robustness_report(
+            errors, clean, base_errors, base_clean, f"finetune[{cfg.baseline}]", names
+        )
+        report = {"init": init, "num_images": corrupted.info["num_images"], **report}
+        benchmarks = _benchmarks(model, params, meta, device)
+        if benchmarks:
+            report["benchmarks"] = benchmarks
+        title = f"{meta.dataset}-C error (%), {init} init: mCE {report['mce']:.1f}"
+        error_heatmap(errors, Path(out_dir) / init / "heatmap.png", title)
+        log.info(
+            "robustness[%s]: clean error %.2f%%, mCE %.1f, relative mCE %s",
+            init,
+            report["clean_error"],
+            report["mce"],
+            report.get("relative_mce"),
+        )
+        reports[init] = report
+    return reports
