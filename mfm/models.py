@@ -157,20 +157,25 @@ def save_encoder(encoder: Encoder, path: str | Path) -> None:
     save_torch({"spec": encoder.spec, "state_dict": encoder.backbone.state_dict()}, path)
 
 
-def load_encoder(path: str | Path) -> Encoder:
-    """Load an encoder saved by ``save_encoder`` (``weights_only=True``)."""
+def _load_blob(path: str | Path, keys: set[str], what: str, stage: str) -> dict[str, Any]:
+    """A checkpoint dict with ``keys``, loaded with ``weights_only=True``, or a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"encoder {path} not found; run the pretrain stage first")
+        raise UserError(f"{what} {path} not found; run the {stage} stage first")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
         raise UserError(
-            f"{path} is not a readable encoder checkpoint ({err.__class__.__name__}); "
-            "rerun the pretrain stage to rewrite it"
+            f"{path} is not a readable {what} ({err.__class__.__name__}); rerun {stage}"
         ) from None
-    if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
-        raise UserError(f"{path} holds no encoder (no spec/state_dict); rerun pretrain")
+    if not isinstance(blob, dict) or not keys <= set(blob):
+        raise UserError(f"{path} holds no {what} ({'/'.join(sorted(keys))}); rerun {stage}")
+    return blob
+
+
+def load_encoder(path: str | Path) -> Encoder:
+    """Load an encoder saved by ``save_encoder`` (``weights_only=True``)."""
+    blob = _load_blob(path, {"spec", "state_dict"}, "encoder", "pretrain")
     encoder = encoder_from_spec(blob["spec"])
     encoder.backbone.load_state_dict(blob["state_dict"])
     return encoder
@@ -241,17 +246,7 @@ def save_classifier(
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a classifier saved by ``save_classifier``; returns it with its ``info``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"classifier {path} not found; run the finetune stage first")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise UserError(
-            f"{path} is not a readable classifier ({err.__class__.__name__}); rerun finetune"
-        ) from None
-    if not isinstance(blob, dict) or not {"spec", "state_dict", "info"} <= set(blob):
-        raise UserError(f"{path} holds no classifier (spec/state_dict/info); rerun finetune")
+    blob = _load_blob(path, {"spec", "state_dict", "info"}, "classifier", "finetune")
     model = _create_backbone(blob["spec"])
     model.load_state_dict(blob["state_dict"])
     return model, blob["info"]
