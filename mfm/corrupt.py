@@ -21,6 +21,7 @@ an ``if __name__ == "__main__":`` guard (``python -m mfm corrupt`` has one).
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import time
@@ -41,6 +42,8 @@ from mfm.errors import UserError
 from mfm.io import atomic_dir, write_json
 from mfm.paths import PREPARED_DIR
 from mfm.robustness_metrics import IMAGENET_C_CORRUPTIONS, IMAGENET_C_EXTRAS
+
+log = logging.getLogger("mfm.corrupt")
 
 CORRUPTED_DIR = Path("data/corrupted")
 INFO_FILE = "info.json"
@@ -298,16 +301,13 @@ def build(
 # --------------------------------------------------------------------------- the stage
 
 
-def _test_arrays(prepared_dir: Path, dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """The prepared test split (memory-mapped); manifest data sets are refused."""
+def _test_arrays(prepared_dir: Path, dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The prepared test split (memory-mapped), or None for image-folder data sets."""
     from mfm.data import PREPARE_HINT, load_meta
 
     meta = load_meta(prepared_dir, dataset)
     if meta.kind != "arrays":
-        raise UserError(
-            f"{dataset} is an image-folder data set; its corruptions are not built on the fly: "
-            "set robustness.imagenet_c to the released ImageNet-C folder instead"
-        )
+        return None
     try:
         images = np.load(prepared_dir / "test_images.npy", mmap_mode="r")
         labels = np.load(prepared_dir / "test_labels.npy")
@@ -341,9 +341,17 @@ def run(
 ) -> dict[str, Any]:
     """Corrupt a seeded subset of the prepared test split into ``out_dir`` atomically."""
     robustness, seed = params.robustness, params.runtime.seed
-    images, labels = _test_arrays(Path(prepared_dir), params.data.dataset)
-    images, labels = _subset(images, labels, robustness.num_images, seed)
-    names = corruption_names(robustness.corruptions)
+    arrays = _test_arrays(Path(prepared_dir), params.data.dataset)
+    if arrays is None:  # ImageNet-scale folders: the released ImageNet-C is the reference
+        log.info(
+            "corrupt: %s is an image-folder data set, so nothing is corrupted on the fly; "
+            "set robustness.imagenet_c (and _a, _r, _sketch) to score the released benchmarks",
+            params.data.dataset,
+        )
+        images, labels, names = np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), []
+    else:
+        images, labels = _subset(*arrays, robustness.num_images, seed)
+        names = corruption_names(robustness.corruptions)
     severities = list(robustness.severities)
     num = len(labels)
     workers = min(_workers(params), len(plan_chunks(num, names, severities)))

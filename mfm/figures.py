@@ -66,3 +66,13 @@ def reconstruction_figure(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def text_figure(path: str | Path, text: str) -> None:
+    """A small PNG that says why a figure is missing, so a declared output always exists."""
+    fig, axis = plt.subplots(figsize=(6, 1.6))
+    axis.axis("off")
+    axis.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, wrap=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

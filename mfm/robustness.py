@@ -24,6 +24,7 @@ from mfm.corrupt import CORRUPTED_DIR, CorruptedSet, load_corrupted
 from mfm.data import DatasetMeta, load_meta
 from mfm.engine import resolve_device
 from mfm.errors import UserError
+from mfm.figures import text_figure
 from mfm.finetune import INITS, evaluate
 from mfm.models import load_classifier
 from mfm.paths import FINETUNE_DIR, PREPARED_DIR, ROBUSTNESS_DIR
@@ -113,30 +114,54 @@ def run(
     out_dir: str | Path = ROBUSTNESS_DIR,
 ) -> dict[str, dict[str, Any]]:
     """Score every init's classifier; returns {init: report} (one metrics file each)."""
-    cfg, img_size = params.robustness, params.data.img_size
     device = resolve_device(params.runtime.device)
     meta = load_meta(prepared_dir, params.data.dataset)
     corrupted = load_corrupted(corrupted_dir)
     names = [n for n in corrupted.info["corruptions"] if n in IMAGENET_C_CORRUPTIONS]
-    scored = {}
-    for init in INITS:
-        model = _load(Path(finetune_dir), init, meta, device)
-        clean, errors = score_classifier(
+    models = {init: _load(Path(finetune_dir), init, meta, device) for init in INITS}
+    reports = {}
+    if names:  # image-folder data sets have no on-the-fly corrupted set
+        reports = _corrupted_reports(models, corrupted, meta, params, names, Path(out_dir))
+    for init, model in models.items():
+        report = reports.setdefault(init, {"init": init, "num_images": 0})
+        benchmarks = _benchmarks(model, params, meta, device)
+        if benchmarks:
+            report["benchmarks"] = benchmarks
+        if not names:
+            text_figure(
+                Path(out_dir) / init / "heatmap.png",
+                f"{meta.dataset}: no corrupted test set (image-folder data);\n"
+                "see the benchmarks in metrics/robustness_<init>.json",
+            )
+    return reports
+
+
+def _corrupted_reports(
+    models: dict[str, nn.Module],
+    corrupted: CorruptedSet,
+    meta: DatasetMeta,
+    params: Params,
+    names: list[str],
+    out_dir: Path,
+) -> dict[str, dict[str, Any]]:
+    """Errors, CE, mCE and a heatmap per classifier, normalised by the baseline's errors."""
+    cfg, img_size = params.robustness, params.data.img_size
+    device = next(next(iter(models.values())).parameters()).device
+    scored = {
+        init: score_classifier(
             model, corrupted, meta, img_size, cfg.batch_size, device, f"robustness[{init}]"
         )
-        scored[init] = (model, clean, errors)
-    _, base_clean, base_errors = scored[cfg.baseline]
+        for init, model in models.items()
+    }
+    base_clean, base_errors = scored[cfg.baseline]
     reports = {}
-    for init, (model, clean, errors) in scored.items():
+    for init, (clean, errors) in scored.items():
         report = robustness_report(
             errors, clean, base_errors, base_clean, f"finetune[{cfg.baseline}]", names
         )
         report = {"init": init, "num_images": corrupted.info["num_images"], **report}
-        benchmarks = _benchmarks(model, params, meta, device)
-        if benchmarks:
-            report["benchmarks"] = benchmarks
         title = f"{meta.dataset}-C error (%), {init} init: mCE {report['mce']:.1f}"
-        error_heatmap(errors, Path(out_dir) / init / "heatmap.png", title)
+        error_heatmap(errors, out_dir / init / "heatmap.png", title)
         log.info(
             "robustness[%s]: clean error %.2f%%, mCE %.1f, relative mCE %s",
             init,

@@ -189,7 +189,7 @@ def test_corruption_names_follow_the_reference():
 # --------------------------------------------------------------------------- errors
 
 
-def test_manifest_dataset_is_refused(tmp_path):
+def test_manifest_dataset_gets_an_empty_set(tmp_path):
     meta = DatasetMeta(
         dataset="imagefolder",
         kind="manifest",
@@ -205,9 +205,11 @@ def test_manifest_dataset_is_refused(tmp_path):
     )
     save_meta(meta, tmp_path / "prepared")
     params = Params.model_validate({"data": {"dataset": "imagefolder"}})
-    with pytest.raises(UserError, match="imagenet_c"):
-        run(params, tmp_path / "prepared", tmp_path / "corrupted")
-    assert not (tmp_path / "corrupted").exists()
+    metrics = run(params, tmp_path / "prepared", tmp_path / "corrupted")
+    assert metrics["corruptions"] == 0 and metrics["images_written"] == 0
+    empty = load_corrupted(tmp_path / "corrupted")
+    assert empty.info["corruptions"] == [] and len(empty.labels) == 0
+    assert list(empty.items()) == []
 
 
 def test_load_corrupted_missing_or_damaged(built_grey, tmp_path):

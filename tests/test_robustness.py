@@ -12,6 +12,7 @@ import torch
 import mfm.corrupt
 from mfm.cli import run_stage
 from mfm.config import ModelParams, Params
+from mfm.corrupt import build
 from mfm.corrupt import run as corrupt
 from mfm.errors import UserError
 from mfm.models import build_classifier, save_classifier
@@ -131,3 +132,20 @@ def test_imagenet_benchmarks_need_an_imagenet_classifier(
             root / "results/finetune",
             root / "results/robustness",
         )
+
+
+def test_an_empty_corrupted_set_reports_no_corruption_scores(
+    workspace: tuple[Params, Path],
+) -> None:
+    # What the corrupt stage writes for image-folder data (ImageNet uses the released sets).
+    params, root = workspace
+    empty = root / "data/empty"
+    build(np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), [], [1], 0, empty, 1)
+    reports = run(
+        params, root / "data/prepared", empty, root / "results/finetune", root / "results/r"
+    )
+    assert reports == {
+        "mfm": {"init": "mfm", "num_images": 0},
+        "scratch": {"init": "scratch", "num_images": 0},
+    }
+    assert (root / "results/r/mfm/heatmap.png").read_bytes()[:4] == b"\x89PNG"
