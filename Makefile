@@ -20,7 +20,7 @@ data:
 
 repro: setup data
 	dvc repro
-	dvc metrics show
+	python -m mfm report
 
 lint: setup
 	ruff check .

@@ -32,6 +32,7 @@ VARIANTS = {"finetune": {"init": ("mfm", "scratch")}}
 
 
 BENCH_HELP = "time pretraining steps on synthetic images; prints JSON (img/s, FFT share)"
+REPORT_HELP = "print MFM vs random/scratch from metrics/*.json as a Markdown table"
 
 
 def _add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="timed steps")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     bench.add_argument("--channels", type=int, default=3, help="image channels")
+    report = commands.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
+    report.add_argument("--root", default=".", help="project root holding metrics/")
     return parser
 
 
@@ -94,6 +97,11 @@ def run_bench(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    if args.stage == "report":
+        from mfm.report import table
+
+        print(table(args.root))
+        return 0
     try:
         if args.stage == "bench":
             metrics = run_bench(args)

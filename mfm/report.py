@@ -1,0 +1,59 @@
+"""``python -m mfm report``: the answer to "does pretraining help?" as one Markdown table.
+
+Reads the metrics JSON the stages wrote and prints MFM init next to random init / scratch;
+a stage that has not run yet is simply left out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mfm.paths import metrics_file
+
+# (label, stage, key); each stage's MFM and baseline runs are named in PAIRS.
+ROWS = (
+    ("linear probe (logistic regression) top-1", "linprobe", "logreg_top1"),
+    ("weighted k-NN top-1", "linprobe", "knn_top1"),
+    ("fine-tune top-1", "finetune", "top1"),
+    ("corrupted-set clean error (%)", "robustness", "clean_error"),
+    ("mCE (scratch = 100)", "robustness", "mce"),
+    ("relative mCE (scratch = 100)", "robustness", "relative_mce"),
+    ("mean corruption error (%)", "robustness", "mean_corruption_error"),
+)
+PAIRS = {
+    "linprobe": ("pretrained", "random"),
+    "finetune": ("mfm", "scratch"),
+    "robustness": ("mfm", "scratch"),
+}
+
+
+def _read(stage: str, variant: str | None, root: Path) -> dict[str, Any] | None:
+    path = root / (metrics_file(stage, variant) if variant else metrics_file(stage))
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _value(stage: str, where: tuple[str, str], root: Path) -> float | None:
+    """linprobe keeps both encoders in one file; finetune and robustness one file per init."""
+    group, key = where
+    data = _read(stage, None, root) if stage == "linprobe" else _read(stage, group, root)
+    if data is None:
+        return None
+    if stage == "linprobe":
+        data = data.get(group, {})
+    value = data.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def table(root: str | Path = ".") -> str:
+    """Markdown rows ``| metric | MFM init | random / scratch | difference |``."""
+    root = Path(root)
+    lines = ["| | MFM init | random init / scratch | difference |", "|---|---|---|---|"]
+    for label, stage, key in ROWS:
+        ours, theirs = PAIRS[stage]
+        a, b = _value(stage, (ours, key), root), _value(stage, (theirs, key), root)
+        if a is None or b is None:
+            continue
+        lines.append(f"| {label} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""``python -m mfm report``: the MFM-vs-baseline table from the metrics files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mfm.cli import main
+from mfm.report import table
+
+
+def _write(root: Path, name: str, data: dict) -> None:
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / f"{name}.json").write_text(json.dumps(data))
+
+
+def test_table_pairs_each_stage_with_its_baseline(tmp_path: Path, capsys) -> None:
+    _write(
+        tmp_path,
+        "linprobe",
+        {"pretrained": {"logreg_top1": 80.0, "knn_top1": 60.0}, "random": {"logreg_top1": 70.0}},
+    )
+    _write(tmp_path, "finetune_mfm", {"top1": 90.5})
+    _write(tmp_path, "finetune_scratch", {"top1": 88.0})
+    lines = table(tmp_path).splitlines()
+    assert "| linear probe (logistic regression) top-1 | 80.00 | 70.00 | +10.00 |" in lines
+    assert "| fine-tune top-1 | 90.50 | 88.00 | +2.50 |" in lines
+    assert not any("k-NN" in line for line in lines)  # the random k-NN is missing
+    assert not any("mCE" in line for line in lines)  # robustness has not run
+    assert main(["report", "--root", str(tmp_path)]) == 0
+    assert "+10.00" in capsys.readouterr().out
