@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,9 +298,3 @@ class TrainLoop:
 def _batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, list | tuple) else batch
     return int(first.shape[0])
-
-
-def iterate_on(device: torch.device, batches: Iterable[Any]) -> Iterator[list[torch.Tensor]]:
-    """Move each batch's tensors to ``device`` (non-blocking from pinned memory)."""
-    for batch in batches:
-        yield [t.to(device, non_blocking=True) for t in batch]
