@@ -120,6 +120,32 @@ class LoopConfig:
     desc: str = "train"
 
 
+def stage_loop_config(
+    recipe: Any,
+    runtime: Any,
+    device: torch.device,
+    out_dir: Path,
+    config: dict[str, Any],
+    desc: str,
+) -> LoopConfig:
+    """The loop settings every training stage derives the same way from its params section
+    (``epochs``, ``clip_grad``, ``checkpoint_every``, ``log_every``) and ``runtime``; the
+    checkpoint and dvclive curves live in the stage's ``out_dir``."""
+    return LoopConfig(
+        epochs=recipe.epochs,
+        device=device,
+        amp=runtime.amp,
+        clip_grad=recipe.clip_grad,
+        seed=runtime.seed,
+        checkpoint_path=out_dir / "checkpoint.pt",
+        checkpoint_every=recipe.checkpoint_every,
+        log_every=recipe.log_every,
+        live_dir=out_dir / "live",
+        config=config,
+        desc=desc,
+    )
+
+
 @dataclass
 class LoopResult:
     epochs_run: int

@@ -35,12 +35,12 @@ from mfm.data import (
     normalizer,
 )
 from mfm.engine import (
-    LoopConfig,
     TrainLoop,
     build_optimizer,
     build_scheduler,
     resolve_device,
     scaled_lr,
+    stage_loop_config,
 )
 from mfm.errors import UserError
 from mfm.io import atomic_path
@@ -241,18 +241,8 @@ def run(
         optimizer,
         scheduler,
         step,
-        LoopConfig(
-            epochs=cfg.epochs,
-            device=device,
-            amp=runtime.amp,
-            clip_grad=cfg.clip_grad,
-            seed=runtime.seed,
-            checkpoint_path=out_dir / "checkpoint.pt",
-            checkpoint_every=cfg.checkpoint_every,
-            log_every=cfg.log_every,
-            live_dir=out_dir / "live",
-            config=training_config(params, init),
-            desc=f"finetune[{init}]",
+        stage_loop_config(
+            cfg, runtime, device, out_dir, training_config(params, init), f"finetune[{init}]"
         ),
     )
     log.info(

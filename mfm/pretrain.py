@@ -17,12 +17,12 @@ import torch
 from mfm.config import Params
 from mfm.data import device_augment, image_dataset, load_meta, make_loader, normalizer
 from mfm.engine import (
-    LoopConfig,
     TrainLoop,
     build_optimizer,
     build_scheduler,
     resolve_device,
     scaled_lr,
+    stage_loop_config,
 )
 from mfm.errors import UserError
 from mfm.figures import reconstruction_figure
@@ -105,18 +105,8 @@ def run(
         optimizer,
         scheduler,
         step,
-        LoopConfig(
-            epochs=cfg.epochs,
-            device=device,
-            amp=runtime.amp,
-            clip_grad=cfg.clip_grad,
-            seed=runtime.seed,
-            checkpoint_path=out_dir / "checkpoint.pt",
-            checkpoint_every=cfg.checkpoint_every,
-            log_every=cfg.log_every,
-            live_dir=out_dir / "live",
-            config=training_config(params),
-            desc=f"pretrain[{cfg.pretext}]",
+        stage_loop_config(
+            cfg, runtime, device, out_dir, training_config(params), f"pretrain[{cfg.pretext}]"
         ),
     )
     log.info(
