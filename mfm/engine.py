@@ -98,6 +98,33 @@ def build_scheduler(
     )
 
 
+def optimizer_and_schedule(
+    model: nn.Module,
+    recipe: Any,
+    num_images: int,
+    stage: str,
+    layer_decay: float | None = None,
+) -> tuple[torch.optim.Optimizer, CosineLRScheduler, float, int]:
+    """AdamW and its per-step schedule from a stage's params section (``batch_size``, ``lr``
+    and ``min_lr`` per 512 images, ``epochs``, ``warmup_epochs``, ``weight_decay``,
+    ``betas``); returns them with the scaled lr and the steps per epoch."""
+    if num_images < recipe.batch_size:
+        raise UserError(
+            f"{stage}.batch_size = {recipe.batch_size} exceeds the {num_images} training "
+            f"images; lower {stage}.batch_size"
+        )
+    steps_per_epoch = num_images // recipe.batch_size
+    lr = scaled_lr(recipe.lr, recipe.batch_size)
+    optimizer = build_optimizer(model, lr, recipe.weight_decay, recipe.betas, layer_decay)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=recipe.epochs * steps_per_epoch,
+        warmup_steps=round(recipe.warmup_epochs * steps_per_epoch),
+        min_lr=scaled_lr(recipe.min_lr, recipe.batch_size),
+    )
+    return optimizer, scheduler, lr, steps_per_epoch
+
+
 def fingerprint(config: dict[str, Any]) -> str:
     """Short stable hash of the settings a checkpoint was trained with."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

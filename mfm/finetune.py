@@ -36,10 +36,8 @@ from mfm.data import (
 )
 from mfm.engine import (
     TrainLoop,
-    build_optimizer,
-    build_scheduler,
+    optimizer_and_schedule,
     resolve_device,
-    scaled_lr,
     stage_loop_config,
 )
 from mfm.errors import UserError
@@ -188,20 +186,9 @@ def run(
 
     train_set = _train_dataset(prepared_dir, meta, params)
     test_set = image_dataset(prepared_dir, "test", img_size, train=False)
-    if len(train_set) < cfg.batch_size:
-        raise UserError(
-            f"finetune.batch_size = {cfg.batch_size} exceeds the {len(train_set)} training "
-            "images; lower finetune.batch_size"
-        )
-    steps_per_epoch = len(train_set) // cfg.batch_size
-    lr = scaled_lr(cfg.lr, cfg.batch_size)
     layer_decay = cfg.layer_decay if hasattr(model, "patch_embed") else None
-    optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, layer_decay)
-    scheduler = build_scheduler(
-        optimizer,
-        total_steps=cfg.epochs * steps_per_epoch,
-        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-        min_lr=scaled_lr(cfg.min_lr, cfg.batch_size),
+    optimizer, scheduler, lr, steps_per_epoch = optimizer_and_schedule(
+        model, cfg, len(train_set), "finetune", layer_decay
     )
     augment = device_augment(meta, img_size, train=True, crop_scale=cfg.crop_scale).to(device)
     normalize = normalizer(meta).to(device)

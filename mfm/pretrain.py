@@ -18,13 +18,10 @@ from mfm.config import Params
 from mfm.data import device_augment, image_dataset, load_meta, make_loader, normalizer
 from mfm.engine import (
     TrainLoop,
-    build_optimizer,
-    build_scheduler,
+    optimizer_and_schedule,
     resolve_device,
-    scaled_lr,
     stage_loop_config,
 )
-from mfm.errors import UserError
 from mfm.figures import reconstruction_figure
 from mfm.frequency import build_corruption, filter_spectrum
 from mfm.losses import FrequencyLoss
@@ -67,19 +64,8 @@ def run(
     normalize = normalizer(meta).to(device)
 
     train_set = image_dataset(prepared_dir, "train", img_size, True, cfg.crop_scale)
-    if len(train_set) < cfg.batch_size:
-        raise UserError(
-            f"pretrain.batch_size = {cfg.batch_size} exceeds the {len(train_set)} training "
-            "images; lower pretrain.batch_size"
-        )
-    steps_per_epoch = len(train_set) // cfg.batch_size
-    lr = scaled_lr(cfg.lr, cfg.batch_size)
-    optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas)
-    scheduler = build_scheduler(
-        optimizer,
-        total_steps=cfg.epochs * steps_per_epoch,
-        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-        min_lr=scaled_lr(cfg.min_lr, cfg.batch_size),
+    optimizer, scheduler, lr, steps_per_epoch = optimizer_and_schedule(
+        model, cfg, len(train_set), "pretrain"
     )
 
     def step(batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
