@@ -13,6 +13,7 @@ PARAMS = validate_params(config, "params.yaml")
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/robustness.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
@@ -22,3 +23,4 @@ rule all:
         rules.linprobe.output,
         expand(rules.finetune.output, init=INITS),
         rules.robustness.output,
+        rules.export.output,

@@ -26,12 +26,14 @@ STAGES = {
     "finetune": "supervised fine-tuning from the MFM encoder (--init mfm) or from scratch",
     "corrupt": "ImageNet-C-style corruptions of the test split (CIFAR-10-C layout), built once",
     "robustness": "every classifier on the corrupted test set: errors, mCE, relative mCE",
+    "export": "the fine-tuned classifier as ONNX, checked against torch on test images",
 }
 # Matrix dimensions of a stage (DVC matrix / Snakemake wildcard): option -> choices.
 VARIANTS = {"finetune": {"init": ("mfm", "scratch")}}
 
 
 BENCH_HELP = "time pretraining steps on synthetic images; prints JSON (img/s, FFT share)"
+PREDICT_HELP = "classify image files or folders with the ONNX model (onnxruntime, no torch)"
 REPORT_HELP = "print MFM vs random/scratch from metrics/*.json as a Markdown table"
 
 
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="timed steps")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     bench.add_argument("--channels", type=int, default=3, help="image channels")
+    predict = commands.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP)
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
+    predict.add_argument("--model", default="results/export/model.onnx", help="ONNX model")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per run")
+    predict.add_argument("--output", default=None, help="write .csv or .json (default: print)")
     report = commands.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     report.add_argument("--root", default=".", help="project root holding metrics/")
     return parser
@@ -103,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.root))
         return 0
     try:
+        if args.stage == "predict":  # the deployment path: onnxruntime, no torch import
+            from mfm import predict
+
+            predict.run(args.model, args.inputs, args.top_k, args.batch_size, args.output)
+            return 0
         if args.stage == "bench":
             metrics = run_bench(args)
         else:

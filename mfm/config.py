@@ -248,6 +248,18 @@ class RobustnessParams(StrictModel):
         return sorted(value)
 
 
+class ExportParams(StrictModel):
+    """ONNX export of a fine-tuned classifier and its parity check against torch."""
+
+    init: Literal["mfm", "scratch"] = Field("mfm", description="Which classifier to export.")
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset (>= 17).")
+    parity_images: int = Field(256, ge=1, description="Test images the parity check runs on.")
+    atol: float = Field(1e-4, gt=0.0, description="Largest allowed |logit difference|.")
+    latency_repeats: int = Field(
+        10, ge=1, description="Timed runs per batch size for the torch vs onnxruntime latency."
+    )
+
+
 class RuntimeParams(StrictModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
@@ -262,6 +274,7 @@ class Params(StrictModel):
     linprobe: LinprobeParams = Field(default_factory=LinprobeParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     robustness: RobustnessParams = Field(default_factory=RobustnessParams)
+    export: ExportParams = Field(default_factory=ExportParams)
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
 
 

@@ -219,7 +219,7 @@ def run(
         )
         earlier = [h["test_top1"] for h in loop.history]  # includes epochs before a resume
         if not earlier or scores["top1"] > max(earlier):
-            save_classifier(model, spec, _info(meta, params, init), out_dir / "best.pt")
+            save_classifier(model, spec, classifier_info(meta, params, init), out_dir / "best.pt")
         last.update(scores=scores, labels=labels, preds=preds)
         return {f"test_{name}": value for name, value in scores.items()}
 
@@ -242,7 +242,7 @@ def run(
         lr,
     )
     result = loop.fit(batches, on_epoch_end)
-    save_classifier(model, spec, _info(meta, params, init), out_dir / "classifier.pt")
+    save_classifier(model, spec, classifier_info(meta, params, init), out_dir / "classifier.pt")
     write_predictions(out_dir / "predictions.csv", last["labels"], last["preds"], meta.classes)
     best_epoch = max(result.history, key=lambda h: h["test_top1"])
     return {
@@ -257,7 +257,7 @@ def run(
     }
 
 
-def _info(meta: DatasetMeta, params: Params, init: str) -> dict[str, Any]:
+def classifier_info(meta: DatasetMeta, params: Params, init: str) -> dict[str, Any]:
     """What a user of the classifier needs besides the weights."""
     return {
         "classes": list(meta.classes),

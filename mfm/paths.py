@@ -9,6 +9,7 @@ PREPARED_DIR = Path("data/prepared")
 PRETRAIN_DIR = Path("results/pretrain")
 FINETUNE_DIR = Path("results/finetune")
 ROBUSTNESS_DIR = Path("results/robustness")
+EXPORT_DIR = Path("results/export")
 METRICS_DIR = Path("metrics")
 
 

@@ -22,10 +22,19 @@ def _out_path(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return _placeholders(path), options or {}
 
 
+def _params_value(match: re.Match[str]) -> str:
+    """DVC's ``${section.key}`` templating reads params.yaml, as Snakemake's config does."""
+    node: Any = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for part in match.group(1).split("."):
+        node = node[part]
+    return str(node)
+
+
 def _placeholders(text: str) -> str:
     """DVC's ``${item.init}``, Snakemake's ``{wildcards.init}`` and its constrained
-    ``{init,mfm|scratch}`` all become ``{init}``."""
+    ``{init,mfm|scratch}`` all become ``{init}``; other ``${...}`` take params.yaml's value."""
     text = text.replace("${item.", "{").replace("{wildcards.", "{")
+    text = re.sub(r"\$\{([\w.]+)\}", _params_value, text)
     return re.sub(r"\{(\w+),[^}]*\}", r"{\1}", text)
 
 

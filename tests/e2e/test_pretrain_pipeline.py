@@ -8,8 +8,10 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.e2e.conftest import Project
 
@@ -32,6 +34,8 @@ OUTPUTS = [
     "metrics/robustness_mfm.json",
     "metrics/robustness_scratch.json",
     "results/robustness/mfm/heatmap.png",
+    "results/export/model.onnx",
+    "metrics/export.json",
 ]
 STAGES = (
     "prepare",
@@ -42,6 +46,7 @@ STAGES = (
     "corrupt",
     "robustness_mfm",
     "robustness_scratch",
+    "export",
 )
 
 
@@ -62,8 +67,11 @@ def test_dvc_repro_caches_and_reruns_only_what_changed(
         "finetune@scratch",
         "corrupt",
         "robustness",
+        "export",
     ):
         assert f"Running stage '{stage}'" in first.stdout
+    export = metrics(project, "export")
+    assert export["top1_agreement"] == 100.0 and export["max_abs_diff"] <= 1e-4
     assert metrics(project, "robustness_scratch")["mce"] == pytest.approx(100.0)
     for rel in OUTPUTS:
         assert (project.path / rel).is_file(), rel
@@ -76,6 +84,17 @@ def test_dvc_repro_caches_and_reruns_only_what_changed(
     again = project.run("dvc", "repro")
     assert "Running stage" not in again.stdout
     assert "up to date" in project.run("dvc", "status").stdout
+
+    # The models are artifacts: fetched by name from the repository, as a deployer does.
+    project.commit("tiny run")
+    project.run("git", "tag", "-a", "mfm-onnx@v0.1.0", "-m", "register the tiny model")
+    fetched = project.path.parent / "fetched.onnx"
+    project.run("dvc", "artifacts", "get", str(project.path), "mfm-onnx", "-o", str(fetched))
+    assert fetched.read_bytes() == (project.path / "results/export/model.onnx").read_bytes()
+    png = project.path.parent / "digit.png"
+    Image.fromarray(np.load(project.path / "data/prepared/test_images.npy")[0, ..., 0]).save(png)
+    shown = project.run("python", "-m", "mfm", "predict", str(png), "--model", str(fetched))
+    assert shown.stdout.startswith(str(png))
 
     project.set_params({"pretrain": {"lr": 3e-3}})
     changed = project.run("dvc", "repro")
