@@ -12,10 +12,11 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 from mfm.config import PARAMS_FILE, load_params
-from mfm.errors import UserError
+from mfm.errors import Interrupted, UserError
 from mfm.io import write_json
 from mfm.paths import metrics_file
 
@@ -83,6 +84,8 @@ def run_stage(
     params = load_params(params_file, overrides)
     module = importlib.import_module(f"mfm.{stage}")
     metrics = module.run(params, **variant)
+    if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 alone writes results
+        return metrics
     if getattr(module, "METRICS_PER_KEY", False):  # one stage, one file per classifier
         for key, values in metrics.items():
             write_json(metrics_file(stage, *variant.values(), key), values)
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"mfm {args.stage}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"mfm {args.stage}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"mfm {args.stage}: interrupted", file=sys.stderr)
         return 130

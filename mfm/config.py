@@ -8,6 +8,8 @@ line that names the key, the value given and what is allowed.
 from __future__ import annotations
 
 import copy
+import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -282,6 +284,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``key.sub=value`` overrides (values parsed as YAML), like ``dvc exp run -S``."""
     result = copy.deepcopy(raw)
     for item in overrides:
+        if item.startswith("~"):  # Hydra's deletion: the key falls back to its default
+            _delete_key(result, item)
+            continue
         key, sep, text = item.partition("=")
         key = key.lstrip("+").strip()
         if not sep or not key:
@@ -297,6 +302,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
     return result
+
+
+def _delete_key(raw: dict[str, Any], item: str) -> None:
+    """Apply ``~key`` (or Hydra's ``~key=value``): remove ``key`` from ``raw``."""
+    key = item[1:].partition("=")[0].strip()
+    *sections, last = key.split(".")
+    node: Any = raw
+    for part in sections:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        raise UserError(f"override {item!r}: {key!r} is not set, so it cannot be deleted")
+    del node[last]
 
 
 def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
@@ -318,17 +335,36 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in loc) or "<top level>"
     value = first.get("input")
     if first["type"] == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(loc))
-        return f"{source}: unknown key {key!r}; allowed keys here: {allowed}"
+        allowed = _allowed_keys(loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{source}: unknown key {key!r}{hint}; allowed keys here: {', '.join(allowed)}"
     return f"{source}: {key} = {value!r} is invalid: {first['msg']}"
 
 
-def validate_params(raw: dict[str, Any] | None, source: str = PARAMS_FILE) -> Params:
-    """Validate a params mapping; the Snakefile calls this too, so both engines agree."""
+def _override_of(err: ValidationError, overrides: Sequence[str]) -> str | None:
+    """The last ``-S`` override that set the first bad key (or a section above it), if any."""
+    loc = tuple(str(part) for part in err.errors()[0]["loc"])
+    for item in reversed(overrides):
+        parts = tuple(item.partition("=")[0].lstrip("+").strip().split("."))
+        if loc[: len(parts)] == parts:
+            return item
+    return None
+
+
+def validate_params(
+    raw: dict[str, Any] | None, source: str = PARAMS_FILE, overrides: Sequence[str] = ()
+) -> Params:
+    """Validate a params mapping; the Snakefile calls this too, so both engines agree.
+
+    A bad key that came from ``overrides`` is blamed on that ``-S`` option, not on ``source``.
+    """
     try:
         return Params.model_validate(raw or {})
     except ValidationError as err:
-        raise UserError(describe_validation_error(err, source)) from None
+        item = _override_of(err, overrides)
+        where = f"-S {item}" if item else source
+        raise UserError(describe_validation_error(err, where)) from None
 
 
 def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
@@ -343,4 +379,5 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = No
         raise UserError(f"{path} is not valid YAML ({kind}); fix its syntax") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a mapping of sections (data, model, pretrain, runtime)")
-    return validate_params(apply_overrides(raw, overrides or []), str(path))
+    overrides = overrides or []
+    return validate_params(apply_overrides(raw, overrides), str(path), overrides)

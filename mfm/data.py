@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mfm.config import DataParams, Params
+from mfm.distributed import GlobalBatchShard, World, per_rank_batch
 from mfm.errors import UserError
 from mfm.io import write_json
 
@@ -495,6 +496,11 @@ def load_imagefolder(params: Params) -> ManifestData:
             "holding train/ and val/ (or test/) with one sub-folder per class"
         )
     root = Path(params.data.root).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(
+            f"data.root {root} does not exist; fix data.root (imagefolder needs train/ and val/ "
+            "or test/ sub-folders of class folders)"
+        )
     train_dir = root / "train"
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
@@ -508,6 +514,47 @@ def load_imagefolder(params: Params) -> ManifestData:
     train = _scan_split(train_dir, classes)
     test = _scan_split(test_dir, classes)
     return ManifestData(train, test, classes, str(root))
+
+
+HEADER_CHECK_THREADS = 8  # header reads wait on the file system (network mounts above all)
+HEADER_CHECK_CHUNK = 4096
+
+
+def _unreadable(path: str) -> str | None:
+    """Why Pillow cannot identify ``path`` as an image (it reads the header only), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return err.__class__.__name__
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Open every image's header with Pillow (no pixel decoding), so that prepare, not a
+    training run much later, names a garbage or non-image file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad: list[tuple[str, str]] = []
+    bar = tqdm(total=len(paths), desc="check images", unit="img", disable=None)
+    with ThreadPoolExecutor(HEADER_CHECK_THREADS) as pool, bar:
+        for start in range(0, len(paths), HEADER_CHECK_CHUNK):
+            chunk = paths[start : start + HEADER_CHECK_CHUNK]
+            reasons = pool.map(_unreadable, chunk)
+            bad += [(path, why) for path, why in zip(chunk, reasons, strict=True) if why]
+            bar.update(len(chunk))
+    if len(bad) == 1:
+        path, why = bad[0]
+        raise UserError(
+            f"cannot read image {path} ({why}); remove or replace it, then rerun prepare"
+        )
+    if bad:
+        path, why = bad[0]
+        raise UserError(
+            f"cannot read {len(bad)} images, e.g. {path} ({why}); remove or replace them, "
+            "then rerun prepare"
+        )
 
 
 DATASETS: dict[str, Callable[[Params], SourceData]] = {
@@ -603,6 +650,21 @@ class ArrayImages(Dataset):
         return torch.from_numpy(image), int(self.labels[index])
 
 
+class ImageReadError(UserError):
+    """An image file Pillow cannot decode (the message names it and the fix).
+
+    A DataLoader worker's exception is re-raised in the main process as the same type, built
+    from "Caught ... Original Traceback ...": keep only the original message, so the CLI
+    still prints one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        tag = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if "Original Traceback" in message and tag in message:
+            message = message.rpartition(tag)[2].strip()
+        super().__init__(message)
+
+
 class ManifestImages(Dataset):
     """Image files listed in a manifest, decoded with PIL and cropped to a fixed uint8 size."""
 
@@ -631,7 +693,7 @@ class ManifestImages(Dataset):
             with Image.open(path) as image:
                 return image.convert(self.mode)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise UserError(
+            raise ImageReadError(
                 f"cannot read image {path} ({err.__class__.__name__}); remove or replace it, "
                 "then rerun prepare"
             ) from None
@@ -707,6 +769,38 @@ def make_loader(
         generator=generator,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+    )
+
+
+def training_loader(
+    dataset: Dataset,
+    global_batch: int,
+    seed: int,
+    workers: int,
+    epoch: int,
+    here: World | None = None,
+    start_batch: int = 0,
+) -> DataLoader:
+    """This process's share of each shuffled global batch of ``epoch`` (full batches only),
+    from global batch ``start_batch`` on.
+
+    The order follows ``seed + epoch`` only, and N torchrun processes together see exactly
+    the global batches one process sees, so resuming and scaling out replay the same data.
+    """
+    here = here or World()
+    local = per_rank_batch(global_batch, here, "batch_size")
+    sampler = GlobalBatchShard(len(dataset), global_batch, here, seed, True, start_batch)
+    sampler.set_epoch(epoch)
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)  # workers' seeds (random crops of image folders)
+    return DataLoader(
+        dataset,
+        batch_size=local,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
     )
 
 

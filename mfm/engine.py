@@ -5,7 +5,9 @@ AdamW without weight decay on 1-D params and biases (timm optimiser factory), gr
 clipping, bf16 autocast on CUDA, a stop on a non-finite loss that keeps the last good
 checkpoint, atomic checkpoints every N epochs, and automatic resume of an interrupted run.
 Each epoch reseeds torch with ``seed + epoch`` so a resumed run replays the exact batches
-and augmentations an uninterrupted one would have seen.
+and augmentations an uninterrupted one would have seen. SIGTERM (a cluster's time limit,
+``scancel``) finishes the current step, writes a mid-epoch checkpoint with the RNG state and
+stops; the rerun continues from that step. Under torchrun, only rank 0 writes or logs.
 """
 
 from __future__ import annotations
@@ -15,25 +17,69 @@ import hashlib
 import json
 import logging
 import math
+import os
+import random
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm import tqdm
 
-from mfm.errors import UserError
+from mfm.distributed import World, barrier, sum_over_ranks
+from mfm.errors import Interrupted, UserError
 from mfm.io import save_torch
-from mfm.tracking import open_live
+from mfm.tracking import open_live, publish_live
 
 log = logging.getLogger("mfm")
 
 StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+# epoch -> first global batch -> the batches of that epoch from there on
+EpochBatches = Callable[[int, int], Iterable[Any]]
+CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "global_step", "history", "fingerprint"}
+STOP_SIGNALS = (signal.SIGTERM,)
+
+
+def seed_everything(seed: int) -> None:
+    """torch, numpy and Python's ``random``: timm's Mixup and RandomErasing draw from the
+    latter two, so all three must restart with each epoch for a resume to replay it."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state as plain tensors, lists and ints (``weights_only`` loads it)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before the latest one is kept, the fallback if that is torn."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,8 +228,23 @@ class LoopResult:
     history: list[dict[str, float]]
 
 
+@dataclass
+class EpochTally:
+    """Running sums of one epoch, kept in a mid-epoch checkpoint so a resumed epoch reports
+    the same mean loss as an uninterrupted one."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+    seconds: float = 0.0
+
+
 class TrainLoop:
-    """Runs ``step_fn`` over epochs with schedule, clipping, AMP, checkpoints and resume."""
+    """Runs ``step_fn`` over epochs with schedule, clipping, AMP, checkpoints and resume.
+
+    ``model`` is the bare module (its state is what checkpoints hold); ``step_fn`` may call a
+    DDP wrapper of it. ``here`` says which torchrun rank this is.
+    """
 
     def __init__(
         self,
@@ -192,19 +253,24 @@ class TrainLoop:
         scheduler: CosineLRScheduler,
         step_fn: StepFn,
         cfg: LoopConfig,
+        here: World | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.step_fn = step_fn
         self.cfg = cfg
+        self.here = here or World()
         self.live: Any | None = None
         self.global_step = 0
         self.history: list[dict[str, float]] = []
+        self.stop_requested = False
+        self._resume_tally: EpochTally | None = None
+        self._resume_rng: dict[str, Any] | None = None
 
     # -- checkpoints -------------------------------------------------------------------
-    def state(self, epoch: int, complete: bool) -> dict[str, Any]:
-        return {
+    def state(self, epoch: int, complete: bool, tally: EpochTally | None = None) -> dict[str, Any]:
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": epoch,
@@ -213,43 +279,107 @@ class TrainLoop:
             "fingerprint": fingerprint(self.cfg.config),
             "complete": complete,
         }
+        if tally is not None:  # stopped inside an epoch: how far, and the RNG to go on with
+            state["partial"] = vars(tally).copy()
+            state["rng"] = rng_state()
+        return state
 
-    def save_checkpoint(self, epoch: int, complete: bool = False) -> None:
-        save_torch(self.state(epoch, complete), self.cfg.checkpoint_path)
+    def save_checkpoint(
+        self, epoch: int, complete: bool = False, tally: EpochTally | None = None
+    ) -> None:
+        """Rank 0 writes; the checkpoint it replaces becomes the fallback copy."""
+        if not self.here.is_main:
+            return
+        path = self.cfg.checkpoint_path
+        state = self.state(epoch, complete, tally)
+        if path.is_file():
+            os.replace(path, previous_checkpoint(path))
+        save_torch(state, path)
+        if complete:
+            previous_checkpoint(path).unlink(missing_ok=True)
 
-    def try_resume(self) -> int:
-        """Resume an interrupted run with the same settings; return the first epoch to run.
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """The newest readable checkpoint: the latest, else the one before it (a kill while
+        writing, a full disk). None if there is none; a UserError if none is readable."""
+        path = self.cfg.checkpoint_path
+        candidates = [p for p in (path, previous_checkpoint(path)) if p.is_file()]
+        problems = []
+        for candidate in candidates:
+            try:
+                ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
+                if not isinstance(ckpt, dict) or not set(ckpt) >= CHECKPOINT_KEYS:
+                    raise ValueError("not a training checkpoint")
+            except Exception as err:  # noqa: BLE001 - a torn, truncated or foreign file
+                problems.append(f"{candidate} ({err.__class__.__name__})")
+                log.warning("%s: checkpoint %s is unreadable", self.cfg.desc, candidate)
+                continue
+            if problems:
+                log.warning("%s: falling back to the previous checkpoint", self.cfg.desc)
+            return ckpt
+        if problems:
+            raise UserError(
+                f"{self.cfg.desc}: no readable checkpoint: {'; '.join(problems)}; delete "
+                f"{' and '.join(p.split(' (')[0] for p in problems)} to train from scratch"
+            )
+        return None
+
+    def try_resume(self) -> tuple[int, int]:
+        """Resume an interrupted run with the same settings; return (epoch, global batch of
+        that epoch) to start from.
 
         A finished run's checkpoint, or one made with other settings, is ignored: a stage is
         rerun because something changed, and then it must train from scratch.
         """
-        path = self.cfg.checkpoint_path
-        if not path.is_file():
-            return 0
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a torn or foreign file
-            raise UserError(
-                f"checkpoint {path} is unreadable ({err.__class__.__name__}); "
-                "delete it to train from scratch"
-            ) from None
+        ckpt = self._read_checkpoint()
+        if ckpt is None:
+            return 0, 0
         if ckpt.get("complete") or ckpt.get("fingerprint") != fingerprint(self.cfg.config):
-            log.info("%s: ignoring %s (finished run or other settings)", self.cfg.desc, path)
-            return 0
+            log.info("%s: ignoring the checkpoint (finished run or other settings)", self.cfg.desc)
+            return 0, 0
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.global_step = int(ckpt["global_step"])
         self.history = list(ckpt["history"])
-        epoch = int(ckpt["epoch"])
-        log.info("%s: resuming from epoch %d (checkpoint %s)", self.cfg.desc, epoch, path)
-        return epoch
+        epoch, skip = int(ckpt["epoch"]), 0
+        if "partial" in ckpt:
+            self._resume_tally = EpochTally(**ckpt["partial"])
+            self._resume_rng = ckpt["rng"]
+            skip = self._resume_tally.steps
+        log.info(
+            "%s: resuming from epoch %d%s (checkpoint %s)",
+            self.cfg.desc,
+            epoch,
+            f", step {skip} of epoch {epoch + 1}" if skip else "",
+            self.cfg.checkpoint_path,
+        )
+        return epoch, skip
+
+    # -- signals -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Any:
+        """SIGTERM asks the loop to checkpoint after the current step and stop."""
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_requested = True
+            log.warning("%s: got signal %d; stopping after this step", self.cfg.desc, signum)
+
+        try:
+            previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # -- training ----------------------------------------------------------------------
-    def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
-        if not torch.isfinite(loss):
+    def _check_finite(self, loss: float, epoch: int) -> None:
+        if not math.isfinite(loss):
             kept = self.cfg.checkpoint_path
             raise UserError(
-                f"{self.cfg.desc}: loss is {loss.item()} at epoch {epoch + 1}, step "
+                f"{self.cfg.desc}: loss is {loss} at epoch {epoch + 1}, step "
                 f"{self.global_step}; lower the learning rate or set clip_grad "
                 f"(last good checkpoint kept: {kept if kept.is_file() else 'none yet'})"
             )
@@ -258,14 +388,21 @@ class TrainLoop:
         self.scheduler.step_update(self.global_step)
         with autocast(self.cfg.device, self.cfg.amp):
             loss, logs = self.step_fn(batch)
-        self._check_finite(loss, epoch)
+        # One all-reduce gives every rank the global batch's loss and whether any rank was
+        # asked to stop, so all ranks raise, stop or go on together.
+        total, stops = sum_over_ranks(
+            [float(loss.detach()), float(self.stop_requested)], self.here, self.cfg.device
+        )
+        mean_loss = total / self.here.size
+        self.stop_requested = stops > 0
+        self._check_finite(mean_loss, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.optimizer.step()
         self.global_step += 1
-        return float(loss.detach()), logs
+        return mean_loss, logs
 
     def log_step(self, loss: float, logs: dict[str, float]) -> None:
         if self.live is None or self.global_step % self.cfg.log_every:
@@ -276,51 +413,81 @@ class TrainLoop:
         for name, value in logs.items():
             self.live.log_metric(f"train/{name}", value)
 
-    def run_epoch(self, batches: Iterable[Any], epoch: int) -> dict[str, float]:
+    def run_epoch(
+        self, batches: Iterable[Any], epoch: int, tally: EpochTally | None = None
+    ) -> dict[str, float]:
+        """Train one epoch (or its rest, after a mid-epoch resume); stops on a signal."""
         self.model.train()
-        total, count, images = 0.0, 0, 0
-        start = time.perf_counter()
+        tally = tally or EpochTally()
         bar = tqdm(
             batches,
             desc=f"{self.cfg.desc} {epoch + 1}/{self.cfg.epochs}",
             leave=False,
-            disable=None,  # a terminal gets a bar; a log file (Snakemake, SLURM) does not
+            # a terminal gets a bar; a log file (Snakemake, SLURM) or rank > 0 does not
+            disable=None if self.here.is_main else True,
         )
+        left = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        last = time.perf_counter()
         for batch in bar:
             loss, logs = self.train_step(batch, epoch)
-            total, count = total + loss, count + 1
-            images += _batch_size(batch)
+            now = time.perf_counter()  # loading included: the wall time of the epoch
+            tally.steps += 1
+            tally.loss_sum += loss
+            tally.images += _batch_size(batch) * self.here.size
+            tally.seconds, last = tally.seconds + now - last, now
             bar.set_postfix(loss=f"{loss:.4f}")
             self.log_step(loss, logs)
-        seconds = time.perf_counter() - start
+            left = None if left is None else left - 1
+            if self.stop_requested and left != 0:  # on the last batch, let the epoch end
+                bar.close()
+                self.save_checkpoint(epoch, tally=tally)
+                barrier(self.here)
+                raise Interrupted(
+                    f"{self.cfg.desc}: stopped by a signal at epoch {epoch + 1}, step "
+                    f"{tally.steps}; checkpoint {self.cfg.checkpoint_path} written, rerun "
+                    "to resume"
+                )
         return {
             "epoch": epoch + 1,
-            "loss": total / max(1, count),
-            "images_per_second": images / max(seconds, 1e-9),
-            "seconds": seconds,
+            "loss": tally.loss_sum / max(1, tally.steps),
+            "images_per_second": tally.images / max(tally.seconds, 1e-9),
+            "seconds": tally.seconds,
         }
 
     def fit(
         self,
-        epoch_batches: Callable[[int], Iterable[Any]],
+        epoch_batches: EpochBatches,
         on_epoch_end: Callable[[int], dict[str, float]] | None = None,
     ) -> LoopResult:
-        """Train from the resume point to ``cfg.epochs``; ``epoch_batches(e)`` feeds epoch e."""
-        first = self.try_resume()
-        if self.cfg.live_dir is not None:
-            self.live = open_live(self.cfg.live_dir, self.global_step if first else None)
-        for epoch in range(first, self.cfg.epochs):
-            torch.manual_seed(self.cfg.seed + epoch)
-            record = self.run_epoch(epoch_batches(epoch), epoch)
-            if on_epoch_end is not None:
-                record.update(on_epoch_end(epoch))
-            self.history.append(record)
-            self.log_epoch(record)
-            done = epoch + 1 == self.cfg.epochs
-            if done or (epoch + 1) % self.cfg.checkpoint_every == 0:
-                self.save_checkpoint(epoch + 1, complete=done)
-        if self.live is not None:
-            self.live.end()
+        """Train from the resume point to ``cfg.epochs``; ``epoch_batches(e, k)`` feeds
+        epoch e from its k-th global batch on."""
+        first, skip = self.try_resume()
+        if self.cfg.live_dir is not None and self.here.is_main:
+            self.live = open_live(self.cfg.live_dir, self.global_step if first or skip else None)
+        with self.stop_on_signals():
+            for epoch in range(first, self.cfg.epochs):
+                seed_everything(self.cfg.seed + epoch)
+                tally = None
+                if epoch == first and self._resume_rng is not None:
+                    set_rng_state(self._resume_rng)
+                    tally = self._resume_tally
+                batches = epoch_batches(epoch, skip if epoch == first else 0)
+                record = self.run_epoch(batches, epoch, tally)
+                if on_epoch_end is not None:
+                    record.update(on_epoch_end(epoch))
+                self.history.append(record)
+                self.log_epoch(record)
+                done = epoch + 1 == self.cfg.epochs
+                if done or (epoch + 1) % self.cfg.checkpoint_every == 0 or self.stop_requested:
+                    self.save_checkpoint(epoch + 1, complete=done)
+                if self.stop_requested and not done:
+                    barrier(self.here)
+                    raise Interrupted(
+                        f"{self.cfg.desc}: stopped by a signal after epoch {epoch + 1}; "
+                        f"checkpoint {self.cfg.checkpoint_path} written, rerun to resume"
+                    )
+        if self.live is not None and self.cfg.live_dir is not None:
+            publish_live(self.live, self.cfg.live_dir)
         last = self.history[-1] if self.history else {}
         speeds = [h["images_per_second"] for h in self.history[first:]] or [math.nan]
         return LoopResult(

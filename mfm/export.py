@@ -175,6 +175,11 @@ def run(
     prepared_dir, export_dir = Path(prepared_dir), Path(export_dir)
     meta = load_meta(prepared_dir, params.data.dataset)
     source = Path(finetune_dir) / cfg.init / "classifier.pt"
+    if not source.is_file():
+        raise UserError(
+            f"classifier {source} not found; run the finetune stage first "
+            f"(python -m mfm finetune --init {cfg.init}), or set export.init to one that exists"
+        )
     model, info = load_classifier(source)
     if info.get("img_size") != params.data.img_size or info.get("dataset") != meta.dataset:
         raise UserError(

@@ -33,7 +33,9 @@ from mfm.data import (
     load_meta,
     make_loader,
     normalizer,
+    training_loader,
 )
+from mfm.distributed import World, barrier, broadcast, setup, teardown, wrap
 from mfm.engine import (
     TrainLoop,
     optimizer_and_schedule,
@@ -167,22 +169,49 @@ def run(
     pretrain_dir: str | Path = PRETRAIN_DIR,
     out_root: str | Path = FINETUNE_DIR,
 ) -> dict[str, Any]:
-    """Fine-tune from ``init`` (mfm: the pretrained encoder; scratch: random init)."""
+    """Fine-tune from ``init`` (mfm: the pretrained encoder; scratch: random init).
+
+    Under ``torchrun`` every rank trains its share of each global batch; rank 0 evaluates
+    and writes.
+    """
     if init not in INITS:
         raise UserError(f"finetune --init {init!r}: choose one of {', '.join(INITS)}")
-    prepared_dir, out_dir = Path(prepared_dir), Path(out_root) / init
+    torch.manual_seed(params.runtime.seed)
+    here, device = setup(resolve_device(params.runtime.device))
+    try:
+        return _train(
+            params,
+            init,
+            Path(prepared_dir),
+            Path(pretrain_dir),
+            Path(out_root) / init,
+            here,
+            device,
+        )
+    finally:
+        teardown()
+
+
+def _train(
+    params: Params,
+    init: str,
+    prepared_dir: Path,
+    pretrain_dir: Path,
+    out_dir: Path,
+    here: World,
+    device: torch.device,
+) -> dict[str, Any]:
     cfg, runtime, img_size = params.finetune, params.runtime, params.data.img_size
-    torch.manual_seed(runtime.seed)
-    device = resolve_device(runtime.device)
     meta = load_meta(prepared_dir, params.data.dataset)
 
     model, spec = build_classifier(
         params.model, img_size, meta.channels, meta.num_classes, cfg.drop_path_rate
     )
     if init == "mfm":
-        report = load_encoder_weights(model, Path(pretrain_dir) / "encoder.pt")
+        report = load_encoder_weights(model, pretrain_dir / "encoder.pt")
         log.info("finetune: encoder loaded; new: %s; dropped: %s", *report.values())
     model = model.to(device)
+    trained = wrap(model, here, device)
 
     train_set = _train_dataset(prepared_dir, meta, params)
     test_set = image_dataset(prepared_dir, "test", img_size, train=False)
@@ -197,6 +226,7 @@ def run(
         erase = RandomErasing(cfg.reprob, mode="pixel", device=str(device))
     mixer = _mixer(cfg, meta.num_classes)
     criterion = _criterion(cfg, mixing=mixer is not None)
+    info = classifier_info(meta, params, init)
 
     def step(batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = (t.to(device, non_blocking=True) for t in batch)
@@ -204,23 +234,26 @@ def run(
         if erase is not None:
             images = erase(images)
         images, targets = mix_batch(mixer, images, labels)
-        return criterion(model(images), targets), {}
+        return criterion(trained(images), targets), {}
 
-    def batches(epoch: int) -> torch.utils.data.DataLoader:
-        return make_loader(
-            train_set, cfg.batch_size, True, runtime.seed, runtime.workers, True, epoch
+    def batches(epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+        return training_loader(
+            train_set, cfg.batch_size, runtime.seed, runtime.workers, epoch, here, start_batch
         )
 
     last: dict[str, Any] = {}
 
     def on_epoch_end(epoch: int) -> dict[str, float]:
-        scores, labels, preds = evaluate(
-            model, test_set, meta, img_size, 256, device, runtime.workers
-        )
-        earlier = [h["test_top1"] for h in loop.history]  # includes epochs before a resume
-        if not earlier or scores["top1"] > max(earlier):
-            save_classifier(model, spec, classifier_info(meta, params, init), out_dir / "best.pt")
-        last.update(scores=scores, labels=labels, preds=preds)
+        scores = None
+        if here.is_main:  # one evaluation, shared with the other ranks
+            scores, labels, preds = evaluate(
+                model, test_set, meta, img_size, 256, device, runtime.workers
+            )
+            earlier = [h["test_top1"] for h in loop.history]  # includes epochs before a resume
+            if not earlier or scores["top1"] > max(earlier):
+                save_classifier(model, spec, info, out_dir / "best.pt")
+            last.update(labels=labels, preds=preds)
+        last["scores"] = scores = broadcast(scores, here)
         return {f"test_{name}": value for name, value in scores.items()}
 
     loop = TrainLoop(
@@ -231,19 +264,23 @@ def run(
         stage_loop_config(
             cfg, runtime, device, out_dir, training_config(params, init), f"finetune[{init}]"
         ),
+        here,
     )
     log.info(
-        "finetune[%s]: %s on %s, %d images, %d steps/epoch, lr %.2e",
+        "finetune[%s]: %s on %s, %d images, %d steps/epoch, lr %.2e, %d process(es)",
         init,
         params.model.name,
         meta.dataset,
         len(train_set),
         steps_per_epoch,
         lr,
+        here.size,
     )
     result = loop.fit(batches, on_epoch_end)
-    save_classifier(model, spec, classifier_info(meta, params, init), out_dir / "classifier.pt")
-    write_predictions(out_dir / "predictions.csv", last["labels"], last["preds"], meta.classes)
+    if here.is_main:
+        save_classifier(model, spec, info, out_dir / "classifier.pt")
+        write_predictions(out_dir / "predictions.csv", last["labels"], last["preds"], meta.classes)
+    barrier(here)
     best_epoch = max(result.history, key=lambda h: h["test_top1"])
     return {
         "init": init,

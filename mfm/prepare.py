@@ -20,6 +20,7 @@ from mfm.data import (
     DatasetMeta,
     ManifestData,
     SourceData,
+    check_images,
     load_source,
     write_prepared,
 )
@@ -149,6 +150,8 @@ def run(params: Params, out_dir: str | Path = PREPARED_DIR) -> dict[str, Any]:
         data = apply_limits(load_source(params), params)
         _check_not_empty(data, dataset)
         _check_labels(data, dataset)
+        if isinstance(data, ManifestData):  # a garbage file would only fail mid-training
+            check_images([path for path, _ in data.train + data.test])
         meta = build_meta(data, dataset)
         write_prepared(data, meta, tmp)
     return {

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from mfm.config import Params
-from mfm.data import device_augment, image_dataset, load_meta, make_loader, normalizer
+from mfm.data import device_augment, image_dataset, load_meta, normalizer, training_loader
+from mfm.distributed import World, setup, teardown, wrap
 from mfm.engine import (
     TrainLoop,
     optimizer_and_schedule,
@@ -48,16 +49,29 @@ def training_config(params: Params) -> dict[str, Any]:
 def run(
     params: Params, prepared_dir: str | Path = PREPARED_DIR, out_dir: str | Path = PRETRAIN_DIR
 ) -> dict[str, Any]:
-    """Pretrain an encoder; returns the numbers stored in ``metrics/pretrain.json``."""
+    """Pretrain an encoder; returns the numbers stored in ``metrics/pretrain.json``.
+
+    Under ``torchrun`` every rank trains its share of each global batch; rank 0 writes.
+    """
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    torch.manual_seed(params.runtime.seed)
+    here, device = setup(resolve_device(params.runtime.device))
+    try:
+        return _train(params, prepared_dir, out_dir, here, device)
+    finally:
+        teardown()
+
+
+def _train(
+    params: Params, prepared_dir: Path, out_dir: Path, here: World, device: torch.device
+) -> dict[str, Any]:
     cfg, runtime = params.pretrain, params.runtime
-    torch.manual_seed(runtime.seed)
-    device = resolve_device(runtime.device)
     meta = load_meta(prepared_dir, params.data.dataset)
     img_size = params.data.img_size
 
     encoder = build_encoder(params.model, img_size, meta.channels)
     model = MFMModel(encoder, meta.channels).to(device)
+    trained = wrap(model, here, device)
     corruption = build_corruption(cfg).to(device)
     loss_fn = FrequencyLoss.from_params(cfg.loss)
     augment = device_augment(meta, img_size, train=True, crop_scale=cfg.crop_scale).to(device)
@@ -72,18 +86,12 @@ def run(
         images = batch[0].to(device, non_blocking=True)
         clean = augment(images)
         corrupted, mask = corruption.corrupt(clean)
-        prediction = model(normalize(corrupted))
+        prediction = trained(normalize(corrupted))
         return loss_fn(prediction, normalize(clean), mask), {}
 
-    def batches(epoch: int) -> torch.utils.data.DataLoader:
-        return make_loader(
-            train_set,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            seed=runtime.seed,
-            workers=runtime.workers,
-            drop_last=True,
-            epoch=epoch,
+    def batches(epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+        return training_loader(
+            train_set, cfg.batch_size, runtime.seed, runtime.workers, epoch, here, start_batch
         )
 
     loop = TrainLoop(
@@ -94,20 +102,23 @@ def run(
         stage_loop_config(
             cfg, runtime, device, out_dir, training_config(params), f"pretrain[{cfg.pretext}]"
         ),
+        here,
     )
     log.info(
-        "pretrain: %s on %s, %d images, %d steps/epoch, lr %.2e, device %s",
+        "pretrain: %s on %s, %d images, %d steps/epoch, lr %.2e, device %s, %d process(es)",
         params.model.name,
         meta.dataset,
         len(train_set),
         steps_per_epoch,
         lr,
         device,
+        here.size,
     )
     started = time.perf_counter()
     result = loop.fit(batches)
-    save_encoder(encoder, out_dir / "encoder.pt")
-    save_reconstructions(model, corruption, meta, params, prepared_dir, out_dir, device)
+    if here.is_main:
+        save_encoder(encoder, out_dir / "encoder.pt")
+        save_reconstructions(model, corruption, meta, params, prepared_dir, out_dir, device)
     return {
         "pretext": cfg.pretext,
         "epochs": cfg.epochs,
@@ -117,6 +128,7 @@ def run(
         "resumed_from_epoch": result.resumed_from,
         "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
         "lr": lr,
+        "processes": here.size,
     }
 
 

@@ -1,14 +1,19 @@
-"""dvclive set-up that survives resume: stale rows past the checkpoint are dropped.
+"""dvclive set-up that survives resume and failure.
 
-A run killed after its last checkpoint has logged steps that the resumed run will log
-again; trimming them keeps every plot a single, monotone curve.
+A run logs into a hidden staging folder next to ``live/`` and the curves replace ``live/``
+only when training ends, so a run that fails (a NaN loss, a bad image) leaves the previous
+run's curves in place. A run killed after its last checkpoint has logged steps that the
+resumed run will log again; trimming them keeps every plot a single, monotone curve.
 """
 
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 from typing import Any
+
+from mfm.io import replace_dir
 
 
 def trim_history(live_dir: Path, last_step: int) -> None:
@@ -26,21 +31,31 @@ def trim_history(live_dir: Path, last_step: int) -> None:
             writer.writerows(kept)
 
 
+def staging_dir(live_dir: str | Path) -> Path:
+    """Where an unfinished run's curves are kept until it ends."""
+    live_dir = Path(live_dir)
+    return live_dir.with_name(f".{live_dir.name}.partial")
+
+
 def open_live(live_dir: str | Path, resume_step: int | None) -> Any:
-    """A dvclive logger whose metrics and plots are declared in dvc.yaml by hand.
+    """A dvclive logger (metrics and plots are declared in dvc.yaml by hand) writing into the
+    staging folder; a resumed run continues the interrupted run's curves there.
 
     dvclive is imported here, not at module level, so tools that never log (the benchmark,
     a GPU box with only torch) do not need it installed.
     """
     from dvclive import Live
 
-    live_dir = Path(live_dir)
-    if resume_step is not None and live_dir.is_dir():
-        trim_history(live_dir, resume_step)
-    return Live(
-        str(live_dir),
-        resume=resume_step is not None,
-        dvcyaml=False,
-        save_dvc_exp=False,
-        report=None,
-    )
+    staging = staging_dir(live_dir)
+    resume = resume_step is not None and staging.is_dir()
+    if resume:
+        trim_history(staging, resume_step)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Live(str(staging), resume=resume, dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+def publish_live(live: Any, live_dir: str | Path) -> None:
+    """End the logger and put the finished run's curves in place of ``live_dir``."""
+    live.end()
+    replace_dir(staging_dir(live_dir), live_dir)

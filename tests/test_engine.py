@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,16 +11,17 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from mfm.data import make_loader
+from mfm.data import training_loader
 from mfm.engine import (
     LoopConfig,
     TrainLoop,
     build_optimizer,
     build_scheduler,
+    previous_checkpoint,
     resolve_device,
     scaled_lr,
 )
-from mfm.errors import UserError
+from mfm.errors import Interrupted, UserError
 from mfm.tracking import trim_history
 
 STEPS_PER_EPOCH = 4
@@ -34,7 +37,11 @@ def tiny_model() -> nn.Module:
 
 
 def make_loop(
-    path: Path, epochs: int = 4, config: dict | None = None, fail_at: int | None = None
+    path: Path,
+    epochs: int = 4,
+    config: dict | None = None,
+    fail_at: int | None = None,
+    sigterm_at: int | None = None,
 ) -> TrainLoop:
     model = tiny_model()
     optimizer = build_optimizer(model, lr=0.05, weight_decay=0.05, betas=(0.9, 0.95))
@@ -45,6 +52,8 @@ def make_loop(
         calls["n"] += 1
         if fail_at is not None and calls["n"] == fail_at:
             raise Interrupt
+        if sigterm_at is not None and calls["n"] == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's time limit would
         x, y = batch
         noisy = x + 0.1 * torch.randn_like(x)  # seeded per epoch by the loop
         return nn.functional.mse_loss(model(noisy).squeeze(1), y), {}
@@ -64,10 +73,13 @@ def make_loop(
     return TrainLoop(model, optimizer, scheduler, step, cfg)
 
 
-def batches(epoch: int) -> torch.utils.data.DataLoader:
+def toy_data() -> TensorDataset:
     g = torch.Generator().manual_seed(123)
-    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randn(32, generator=g))
-    return make_loader(data, 8, shuffle=True, seed=0, workers=0, drop_last=True, epoch=epoch)
+    return TensorDataset(torch.randn(32, 6, generator=g), torch.randn(32, generator=g))
+
+
+def batches(epoch: int, start_batch: int = 0) -> torch.utils.data.DataLoader:
+    return training_loader(toy_data(), 8, seed=0, workers=0, epoch=epoch, start_batch=start_batch)
 
 
 def weights(loop: TrainLoop) -> list[torch.Tensor]:
@@ -147,7 +159,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> 
 
 def test_unreadable_checkpoint_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00torn")
-    with pytest.raises(UserError, match="unreadable.*delete it"):
+    with pytest.raises(UserError, match="no readable checkpoint.*delete .*checkpoint.pt"):
         make_loop(tmp_path).fit(batches)
 
 
@@ -164,3 +176,58 @@ def test_missing_devices_are_user_errors() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("step", [2 * STEPS_PER_EPOCH + 2, 3 * STEPS_PER_EPOCH])
+def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_identical(
+    tmp_path: Path, step: int
+) -> None:
+    straight = make_loop(tmp_path / "straight")
+    result = straight.fit(batches)
+
+    stopped = make_loop(tmp_path / "stopped", sigterm_at=step)
+    with pytest.raises(Interrupted, match="stopped by a signal.*rerun to resume"):
+        stopped.fit(batches)
+    state = torch.load(tmp_path / "stopped/checkpoint.pt", weights_only=True)
+    epoch, done = divmod(step, STEPS_PER_EPOCH)
+    if done:  # inside an epoch: how far it got, and the RNG to go on with
+        assert state["epoch"] == epoch and state["partial"]["steps"] == done
+    else:  # on an epoch's last step: an ordinary epoch-end checkpoint
+        assert state["epoch"] == epoch and "partial" not in state
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+    resumed = make_loop(tmp_path / "stopped")
+    again = resumed.fit(batches)
+    for a, b in zip(weights(straight), weights(resumed), strict=True):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in again.history] == [h["loss"] for h in result.history]
+
+
+def test_a_torn_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    straight = make_loop(tmp_path / "straight")
+    straight.fit(batches)
+    with pytest.raises(Interrupt):  # killed in epoch 3: checkpoints of epochs 1 and 2 exist
+        make_loop(tmp_path, fail_at=2 * STEPS_PER_EPOCH + 1).fit(batches)
+    latest = tmp_path / "checkpoint.pt"
+    assert torch.load(previous_checkpoint(latest), weights_only=True)["epoch"] == 1
+    latest.write_bytes(latest.read_bytes()[:300])  # truncated, as by a full disk
+
+    resumed = make_loop(tmp_path)
+    with caplog.at_level("WARNING", logger="mfm"):
+        result = resumed.fit(batches)
+    assert result.resumed_from == 1
+    assert "falling back to the previous checkpoint" in caplog.text
+    for a, b in zip(weights(straight), weights(resumed), strict=True):
+        assert torch.equal(a, b)
+    assert not previous_checkpoint(latest).exists()  # a finished run needs no fallback
+
+
+def test_no_readable_checkpoint_stops_instead_of_training_from_scratch(tmp_path: Path) -> None:
+    with pytest.raises(Interrupt):
+        make_loop(tmp_path, fail_at=2 * STEPS_PER_EPOCH + 1).fit(batches)
+    for path in (tmp_path / "checkpoint.pt", previous_checkpoint(tmp_path / "checkpoint.pt")):
+        path.write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(UserError, match=r"checkpoint.pt .*checkpoint.prev.pt.*train from scratch"):
+        make_loop(tmp_path).fit(batches)
