@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_REDIRECT = " 2> {log}"
+# Training rules start with the launcher (python, or torchrun with one process per GPU).
+LAUNCH = "{params.launch}"
 
 
 def _out_path(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -88,9 +91,11 @@ def snakemake_rules() -> dict[str, dict[str, Any]]:
                 assert list(rule.log), f"rule {rule.name} has no log:"
                 params: set[str] = set()
                 for name, value in rule.params.items():
-                    params |= _param_keys(name, value, config)
+                    if name in config:  # params.yaml sections (not e.g. the launcher)
+                        params |= _param_keys(name, value, config)
+                shell = rule.shellcmd.replace(LOG_REDIRECT, "").replace(LAUNCH, "python")
                 rules[rule.name] = {
-                    "cmd": _placeholders(rule.shellcmd.replace(LOG_REDIRECT, "")),
+                    "cmd": _placeholders(shell),
                     "deps": {_placeholders(str(path)) for path in rule.input},
                     "params": params,
                     "outs": {_placeholders(str(path)) for path in rule.output},
@@ -139,3 +144,23 @@ def test_params_listed_in_dvc_exist_in_params_yaml() -> None:
             for part in key.split("."):
                 assert part in node, f"{name}: param {key} missing from params.yaml"
                 node = node[part]
+
+
+def test_training_rules_start_torchrun_with_one_process_per_gpu() -> None:
+    """Locally python; with GPUs (the SLURM profile's resources.gpu) torchrun."""
+    import subprocess
+
+    for gpus, start in (
+        (None, "python -m mfm pretrain"),
+        (4, "torchrun --standalone --nproc-per-node=4 -m mfm pretrain"),
+    ):
+        extra = ["--set-resources", f"pretrain:gpu={gpus}"] if gpus else []
+        out = subprocess.run(
+            ["snakemake", "-n", "-p", "-f", "pretrain", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        ).stdout
+        assert f"{start} 2> logs/pretrain.log" in out

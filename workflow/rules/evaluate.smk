@@ -48,10 +48,13 @@ rule finetune:
         "logs/finetune_{init}.log",
     conda:
         "../envs/mfm.yaml"
+    resources:
+        gpu=0,
     params:
+        launch=launcher,
         data={"img_size": config["data"]["img_size"]},
         model=config["model"],
         finetune=config["finetune"],
         runtime=config["runtime"],
     shell:
-        "python -m mfm finetune --init {wildcards.init} 2> {log}"
+        "{params.launch} -m mfm finetune --init {wildcards.init} 2> {log}"

@@ -43,10 +43,13 @@ rule pretrain:
         "logs/pretrain.log",
     conda:
         "../envs/mfm.yaml"
+    resources:
+        gpu=0,
     params:
+        launch=launcher,
         data={"img_size": config["data"]["img_size"]},
         model=config["model"],
         pretrain=config["pretrain"],
         runtime=config["runtime"],
     shell:
-        "python -m mfm pretrain 2> {log}"
+        "{params.launch} -m mfm pretrain 2> {log}"
