@@ -10,13 +10,7 @@ configfile: "params.yaml"
 PARAMS = validate_params(config, "params.yaml")
 
 
-def launcher(wildcards, resources):
-    """How a training rule starts: torchrun with one process per GPU the job was given
-    (resources.gpu, e.g. from the SLURM profile), plain python without GPUs."""
-    gpus = int(resources.get("gpu", 0))
-    return f"torchrun --standalone --nproc-per-node={gpus}" if gpus else "python"
-
-
+include: "workflow/rules/common.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/robustness.smk"
