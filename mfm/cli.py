@@ -36,6 +36,7 @@ VARIANTS = {"finetune": {"init": ("mfm", "scratch")}}
 BENCH_HELP = "time pretraining steps on synthetic images; prints JSON (img/s, FFT share)"
 PREDICT_HELP = "classify image files or folders with the ONNX model (onnxruntime, no torch)"
 REPORT_HELP = "print MFM vs random/scratch from metrics/*.json as a Markdown table"
+PRESET_HELP = "merge one of the paper's recipes (presets/NAME.yaml) into params.yaml"
 
 
 def _add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", default=None, help="write .csv or .json (default: print)")
     report = commands.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     report.add_argument("--root", default=".", help="project root holding metrics/")
+    preset = commands.add_parser("preset", help=PRESET_HELP, description=PRESET_HELP)
+    _add_params_arguments(preset)
+    preset.add_argument("name", nargs="?", metavar="NAME", help="preset name (see --list)")
+    preset.add_argument("--list", action="store_true", help="list the presets and exit")
+    preset.add_argument(
+        "--as-overrides",
+        action="store_true",
+        help="print -S arguments for `dvc exp run` instead of writing params.yaml",
+    )
     return parser
 
 
@@ -105,6 +115,20 @@ def run_bench(args: argparse.Namespace) -> dict:
     return bench.run(params, batch_size, args.steps, args.warmup, args.channels)
 
 
+def run_preset(args: argparse.Namespace) -> str:
+    """List the presets, print one as ``-S`` arguments, or merge it into params.yaml."""
+    from mfm import presets
+
+    if args.list:
+        return presets.listing()
+    if not args.name:
+        raise UserError("name a preset, e.g. python -m mfm preset vit_b16_mfm (--list shows all)")
+    if args.as_overrides:
+        overrides = presets.as_overrides(args.name, args.params, args.overrides)
+        return " ".join(f"-S {item}" for item in overrides)  # for `dvc exp run $(...)`
+    return presets.apply(args.name, args.params, args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
@@ -118,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             from mfm import predict
 
             predict.run(args.model, args.inputs, args.top_k, args.batch_size, args.output)
+            return 0
+        if args.stage == "preset":  # edits params.yaml; prints text, not metrics
+            print(run_preset(args))
             return 0
         if args.stage == "bench":
             metrics = run_bench(args)
