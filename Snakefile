@@ -1,5 +1,5 @@
 # The same stages as dvc.yaml, for clusters: `snakemake --cores 2` locally, or with the
-# SLURM executor and a profile under workflow/profiles/. Both engines read params.yaml and
+# SLURM executor and a profile under profiles/. Both engines read params.yaml and
 # call the same `python -m mfm <stage>` command per stage.
 from mfm.config import validate_params
 

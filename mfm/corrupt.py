@@ -332,8 +332,13 @@ def _subset(
 
 
 def _workers(params: Params) -> int:
-    """``runtime.workers`` processes, or one per CPU when it is 0."""
-    return params.runtime.workers or os.cpu_count() or 1
+    """``runtime.workers`` processes, or one per CPU this process may use when it is 0 (a
+    SLURM job's allocation, not the whole node)."""
+    if params.runtime.workers:
+        return params.runtime.workers
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def run(
