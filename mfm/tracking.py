@@ -58,4 +58,5 @@ def open_live(live_dir: str | Path, resume_step: int | None) -> Any:
 def publish_live(live: Any, live_dir: str | Path) -> None:
     """End the logger and put the finished run's curves in place of ``live_dir``."""
     live.end()
-    replace_dir(staging_dir(live_dir), live_dir)
+    if staging_dir(live_dir).is_dir():  # a logger that never wrote leaves nothing to publish
+        replace_dir(staging_dir(live_dir), live_dir)
