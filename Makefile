@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup data repro test lint clean-env
+.PHONY: setup data repro study test lint clean-env
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ data:
 repro: setup data
 	dvc repro
 	python -m mfm report
+
+study: setup data
+	dvc repro study/dvc.yaml
+	cat results/study/study.md
 
 lint: setup
 	ruff check .

@@ -15,6 +15,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/robustness.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/study.smk"
 
 
 rule all:

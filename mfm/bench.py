@@ -1,25 +1,79 @@
-"""Pretraining throughput on synthetic images: img/s and what the frequency work costs.
+"""Pretraining throughput on synthetic images: img/s, what the frequency work costs, and the floor.
 
 The same step the pretrain stage runs (device-side crop and flip, corruption, forward,
 frequency loss, backward, AdamW), timed after a warm-up, next to the corruption alone and
-the loss (forward and backward) alone. Their share of the step is MFM's overhead over plain
-pixel regression.
+the loss (forward and backward) alone; their share of the step is MFM's overhead over plain
+pixel regression. Next to it: the same encoder in a plain supervised step (the floor MFM
+should cost), the batched corruption against the per-image loop the authors' data loader
+runs, and optionally the model FLOPs utilisation.
+
+``run`` returns one flat dict (printed as JSON by ``python -m mfm bench``). Times are means
+over ``timed_steps`` calls after ``warmup_steps`` untimed ones; a key that was not measured
+is ``null``.
+
+What ran
+    model, pretext, img_size, channels, batch_size, timed_steps, warmup_steps
+    device ("cuda", "cpu", ...), device_name (GPU name, or the CPU model from /proc/cpuinfo),
+    threads (torch CPU threads), torch (version)
+Options as requested and as applied
+    amp_requested, amp (bf16 autocast really on: CUDA only), amp_note (why not, or null)
+    channels_last (applied to model and input: CNN encoders only), channels_last_note
+    compile (torch.compile applied to both models), compile_seconds (the first compiled MFM
+    step, compilation included; warm-up and timed steps come after it), compile_error (the
+    error, one line, when compiling failed and the eager model was timed instead)
+MFM pretraining step
+    images_per_second, step_ms
+    corruption_ms (batched corruption on the device), loss_ms (frequency loss fwd + bwd),
+    frequency_share ((corruption_ms + loss_ms) / step_ms)
+The floor: the same encoder as a supervised classifier (build_classifier: mean-pooled
+features, linear head of ``supervised_classes`` outputs), cross-entropy on fixed random
+labels, forward + backward + AdamW, same batch, crop/flip, normalisation and options
+    supervised_classes, supervised_images_per_second, supervised_step_ms,
+    mfm_over_supervised (step_ms / supervised_step_ms)
+Batched corruption vs the authors' per-image loop (mfm pretext only, else null)
+    corruption_loop_ms (per_image_frequency_mask over the batch, on the CPU),
+    corruption_loop_over_batched (corruption_loop_ms / corruption_ms)
+Model FLOPs utilisation (with ``mfu=True``, else null)
+    step_gflop (FLOPs of one MFM step, forward + backward, as FlopCounterMode counts them:
+    matmuls, convolutions, attention; FFTs and element-wise work are not counted),
+    achieved_tflops (step_gflop / step time), peak_tflops (the device's dense peak for
+    peak_precision: "bf16" under AMP, "tf32" or "fp32" without, "given" for --peak-tflops),
+    mfu (achieved / peak; null on a CPU or an unknown GPU unless a peak is given),
+    supervised_step_gflop, supervised_achieved_tflops, supervised_mfu, mfu_note
 """
 
 from __future__ import annotations
 
+import math
+import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils import flop_counter
 
 from mfm.config import Params
 from mfm.data import DatasetMeta, device_augment, normalizer
 from mfm.engine import autocast, build_optimizer, resolve_device, scaled_lr
-from mfm.frequency import build_corruption
+from mfm.frequency import RandomFrequencyMask, build_corruption
 from mfm.losses import FrequencyLoss
-from mfm.models import MFMModel, build_encoder
+from mfm.models import MFMModel, build_classifier, build_encoder
+
+SUPERVISED_CLASSES = 10
+_SPATIAL = (-2, -1)
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets: bf16 and tf32 on the tensor
+# cores, fp32 on the CUDA cores. Keyed by the model as ``known_gpu`` names it.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 SXM": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H200": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
 
 
 def synthetic_meta(channels: int, img_size: int) -> DatasetMeta:
@@ -39,80 +93,431 @@ def synthetic_meta(channels: int, img_size: int) -> DatasetMeta:
     )
 
 
+# -- the device --------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({cpu_model()})"
+    return cpu_model()
+
+
+def known_gpu(name: str) -> str | None:
+    """The ``PEAK_TFLOPS`` key of a CUDA device name, or None for a GPU not in the table.
+
+    ``NVIDIA H100 80GB HBM3`` is the SXM part; NVL variants have other clocks, so they are
+    left out rather than matched to the wrong row.
+    """
+    upper = name.upper()
+    if "NVL" in upper:
+        return None
+    if "H200" in upper:
+        return "H200"
+    if "H100" in upper:
+        return "H100 PCIe" if "PCIE" in upper else "H100 SXM"
+    if "A100" in upper:
+        return "A100"
+    return None
+
+
+def peak_tflops(name: str, precision: str) -> float | None:
+    """Dense peak TFLOP/s of the GPU called ``name`` at ``precision`` (bf16, tf32, fp32)."""
+    model = known_gpu(name)
+    return None if model is None else PEAK_TFLOPS[model][precision]
+
+
+# -- FLOPs -------------------------------------------------------------------------------
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _extra_flop_formulas() -> dict[Any, Any]:
+    """Fused attention on the CPU, which FlopCounterMode does not count by itself (the CUDA
+    kernels it does): the same formulas as for the CUDA kernels."""
+    aten = torch.ops.aten
+    formulas = {
+        "_scaled_dot_product_flash_attention_for_cpu": _cpu_attention_flops,
+        "_scaled_dot_product_flash_attention_for_cpu_backward": _cpu_attention_backward_flops,
+    }
+    return {getattr(aten, op): f for op, f in formulas.items() if hasattr(aten, op)}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (run it once) as ``FlopCounterMode`` counts them.
+
+    Matmuls, convolutions and attention, forward and backward when ``fn`` runs a backward
+    pass; a multiply-add counts as 2 FLOPs. FFTs, element-wise ops and the optimiser's
+    update are not counted.
+    """
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as c:
+        fn()
+    return int(c.get_total_flops())
+
+
+# -- the authors' way: one image at a time -------------------------------------------------
+
+
+def per_image_frequency_mask(
+    images: Tensor,
+    keep_low: Sequence[bool],
+    radii: Sequence[float],
+    inner_radius: float = 0.0,
+    clamp: bool = True,
+) -> Tensor:
+    """MFM's corruption the way the authors' data loader applies it: image by image.
+
+    For each (C, H, W) image: ``fftshift(fft2(x))``, build the disc of bins whose squared
+    distance to the centre (H // 2, W // 2) lies in [inner**2, r**2), keep it (low-pass) or
+    its complement (high-pass), ``ifft2(ifftshift(.)).real`` and clamp to [0, 1]. The full
+    complex FFT and both shifts, as the textbook (and the loader) writes it; radii in bins.
+    """
+    out = []
+    for image, low, radius in zip(images, keep_low, radii, strict=True):
+        height, width = image.shape[-2:]
+        ys = torch.arange(height) - height // 2
+        xs = torch.arange(width) - width // 2
+        dist2 = ys[:, None] ** 2 + xs[None, :] ** 2
+        disc = ((dist2 >= inner_radius**2) & (dist2 < radius**2)).to(image.dtype)
+        mask = disc if low else 1.0 - disc
+        spectrum = torch.fft.fftshift(torch.fft.fft2(image), dim=_SPATIAL)
+        filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * mask, dim=_SPATIAL)).real
+        out.append(filtered.clamp(0.0, 1.0) if clamp else filtered)
+    return torch.stack(out)
+
+
+# -- timing ------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> float:
     """Mean seconds per call of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return (time.perf_counter() - start) / steps
 
 
-def run(params: Params, batch_size: int, steps: int, warmup: int, channels: int) -> dict[str, Any]:
-    """Time one pretraining step and its frequency parts; returns the figures as a dict."""
+def _error_line(err: BaseException, max_chars: int = 300) -> str:
+    """An exception as one short line for the JSON: compiler errors run to pages, and
+    dynamo's first line only names the backend, so the first two lines are kept."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {' / '.join(lines[:2])}"[:max_chars]
+
+
+@dataclass
+class StepTiming:
+    seconds: float
+    flops: int | None = None
+    compile_seconds: float | None = None
+    compile_error: str | None = None
+
+
+def time_training_step(
+    model: nn.Module,
+    make_step: Callable[[nn.Module], Callable[[], None]],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    compile: bool = False,
+    flops: bool = False,
+) -> StepTiming:
+    """Time ``make_step(model)`` (one training step), optionally through ``torch.compile``.
+
+    FLOPs are counted on one eager step (the count is the model's, not the compiler's). A
+    compiled model is called once before the warm-up, which absorbs the compilation and
+    is reported as ``compile_seconds``; if compiling fails (at ``torch.compile`` or at that
+    first call), the error is kept and the eager step is timed instead.
+    """
+    eager = make_step(model)
+    result = StepTiming(seconds=math.nan)
+    if flops:
+        result.flops = count_flops(eager)
+    step = eager
+    if compile:
+        try:
+            compiled = make_step(torch.compile(model))
+            start = time.perf_counter()
+            compiled()
+            _sync(device)
+            step, result.compile_seconds = compiled, time.perf_counter() - start
+        except Exception as err:  # noqa: BLE001 - any compiler failure is a result, not a crash
+            result.compile_error = _error_line(err)
+    result.seconds = _timed(step, device, steps, warmup)
+    return result
+
+
+# -- the benchmark -------------------------------------------------------------------------
+
+
+@dataclass
+class _Setup:
+    """What both training steps share: the batch, its augmentation and the options."""
+
+    params: Params
+    device: torch.device
+    images: Tensor
+    augment: nn.Module
+    normalize: nn.Module
+    amp: bool
+    memory_format: torch.memory_format
+    steps: int
+    warmup: int
+    flops: bool
+
+    def model_input(self, images: Tensor) -> Tensor:
+        return self.normalize(images).contiguous(memory_format=self.memory_format)
+
+    def optimizer_for(self, model: nn.Module) -> torch.optim.Optimizer:
+        recipe = self.params.pretrain
+        lr = scaled_lr(recipe.lr, self.images.shape[0])
+        return build_optimizer(model, lr, recipe.weight_decay, recipe.betas)
+
+    def time_step(
+        self, model: nn.Module, loss_of: Callable[[nn.Module], Tensor], compile: bool
+    ) -> StepTiming:
+        """Time ``loss_of(forward)`` under autocast, backward and an AdamW step."""
+        model = model.to(self.device, memory_format=self.memory_format).train()
+        optimizer = self.optimizer_for(model)
+
+        def make_step(forward: nn.Module) -> Callable[[], None]:
+            def step() -> None:
+                with autocast(self.device, self.amp):
+                    loss = loss_of(forward)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            return step
+
+        return time_training_step(
+            model, make_step, self.device, self.steps, self.warmup, compile, self.flops
+        )
+
+
+def run(
+    params: Params,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    channels: int,
+    amp: bool | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    mfu: bool = False,
+    peak: float | None = None,
+) -> dict[str, Any]:
+    """Time the pretraining step, its frequency parts and the floor; returns the flat dict
+    the module docstring describes. ``amp=None`` takes ``runtime.amp``; ``peak`` (TFLOP/s)
+    overrides the table and implies ``mfu``."""
     torch.manual_seed(params.runtime.seed)
     device = resolve_device(params.runtime.device)
     img_size = params.data.img_size
+    amp_requested = params.runtime.amp if amp is None else amp
+    amp_on = bool(amp_requested and device.type == "cuda")
+    mfu = mfu or peak is not None
     meta = synthetic_meta(channels, img_size)
-    model = MFMModel(build_encoder(params.model, img_size, channels), channels).to(device)
-    optimizer = build_optimizer(
-        model, scaled_lr(params.pretrain.lr, batch_size), 0.05, params.pretrain.betas
+    images = torch.randint(0, 256, (batch_size, channels, img_size, img_size), dtype=torch.uint8)
+    encoder = build_encoder(params.model, img_size, channels)
+    is_vit = encoder.is_vit
+    cl = channels_last and not is_vit
+    setup = _Setup(
+        params=params,
+        device=device,
+        images=images.to(device),
+        augment=device_augment(meta, img_size, True, params.pretrain.crop_scale).to(device),
+        normalize=normalizer(meta).to(device),
+        amp=amp_on,
+        memory_format=torch.channels_last if cl else torch.contiguous_format,
+        steps=steps,
+        warmup=warmup,
+        flops=mfu,
     )
+    augment, normalize = setup.augment, setup.normalize
+
+    # MFM: the pretrain stage's step.
     corruption = build_corruption(params.pretrain).to(device)
     loss_fn = FrequencyLoss.from_params(params.pretrain.loss)
-    augment = device_augment(meta, img_size, train=True).to(device)
-    normalize = normalizer(meta).to(device)
-    images = torch.randint(0, 256, (batch_size, channels, img_size, img_size), dtype=torch.uint8)
-    images = images.to(device)
-    amp = params.runtime.amp
 
-    def train_step() -> None:
-        with autocast(device, amp):
-            clean = augment(images)
-            corrupted, mask = corruption.corrupt(clean)
-            loss = loss_fn(model(normalize(corrupted)), normalize(clean), mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def mfm_loss(forward: nn.Module) -> Tensor:
+        clean = augment(setup.images)
+        corrupted, mask = corruption.corrupt(clean)
+        return loss_fn(forward(setup.model_input(corrupted)), normalize(clean), mask)
 
-    clean = augment(images)
+    mfm = setup.time_step(MFMModel(encoder, channels), mfm_loss, compile)
+    del encoder  # frees the device for the supervised model
+
+    # The frequency parts alone, on a fixed batch.
+    clean = augment(setup.images)
     _, fixed_mask = corruption.corrupt(clean)
     target = normalize(clean)
     prediction = torch.randn_like(target)
 
     def corrupt_only() -> None:
-        with autocast(device, amp):
+        with autocast(device, amp_on):
             corruption.corrupt(clean)
 
     def loss_only() -> None:
         pred = prediction.clone().requires_grad_(True)
-        with autocast(device, amp):
+        with autocast(device, amp_on):
             loss = loss_fn(pred, target, fixed_mask)
         loss.backward()
 
-    model.train()
-    step_s = _timed(train_step, device, steps, warmup)
     corrupt_s = _timed(corrupt_only, device, steps, warmup)
     loss_s = _timed(loss_only, device, steps, warmup)
+    loop_s = None
+    if isinstance(corruption, RandomFrequencyMask):
+        loop_s = _timed(_loop_corruption(corruption, clean), torch.device("cpu"), steps, warmup)
+
+    # The floor: the same encoder, supervised, on fixed random labels.
+    classifier, _ = build_classifier(
+        params.model, img_size, channels, SUPERVISED_CLASSES, params.model.drop_path_rate
+    )
+    labels = torch.randint(0, SUPERVISED_CLASSES, (batch_size,), device=device)
+
+    def supervised_loss(forward: nn.Module) -> Tensor:
+        return F.cross_entropy(forward(setup.model_input(augment(setup.images))), labels)
+
+    # Both compiled or both eager: a failed MFM compile leaves the supervised model eager too.
+    compile_both = compile and mfm.compile_error is None
+    sup = setup.time_step(classifier, supervised_loss, compile_both)
+    compile_error = mfm.compile_error
+    if sup.compile_error is not None:
+        compile_error = f"supervised: {sup.compile_error}"
+
+    name = device_name(device)
+    figures = _mfu_figures(mfm, sup, device, name, amp_on, peak) if mfu else _mfu_figures()
     return {
         "model": params.model.name,
         "pretext": params.pretrain.pretext,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "amp": bool(amp and device.type == "cuda"),
         "img_size": img_size,
         "channels": channels,
         "batch_size": batch_size,
         "timed_steps": steps,
-        "images_per_second": batch_size / step_s,
-        "step_ms": 1000 * step_s,
+        "warmup_steps": warmup,
+        "device": str(device),
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "amp_requested": bool(amp_requested),
+        "amp": amp_on,
+        "amp_note": _amp_note(amp_requested, device),
+        "channels_last": cl,
+        "channels_last_note": (
+            f"ignored: {params.model.name} is a ViT (channels_last is for CNN encoders)"
+            if channels_last and is_vit
+            else None
+        ),
+        "compile": compile and compile_error is None,
+        "compile_seconds": mfm.compile_seconds if compile_error is None else None,
+        "compile_error": compile_error,
+        "images_per_second": batch_size / mfm.seconds,
+        "step_ms": 1000 * mfm.seconds,
         "corruption_ms": 1000 * corrupt_s,
         "loss_ms": 1000 * loss_s,
-        "frequency_share": (corrupt_s + loss_s) / step_s,
+        "frequency_share": (corrupt_s + loss_s) / mfm.seconds,
+        "supervised_classes": SUPERVISED_CLASSES,
+        "supervised_images_per_second": batch_size / sup.seconds,
+        "supervised_step_ms": 1000 * sup.seconds,
+        "mfm_over_supervised": mfm.seconds / sup.seconds,
+        "corruption_loop_ms": None if loop_s is None else 1000 * loop_s,
+        "corruption_loop_over_batched": None if loop_s is None else loop_s / corrupt_s,
+        **figures,
     }
+
+
+def _amp_note(requested: bool, device: torch.device) -> str | None:
+    if requested and device.type != "cuda":
+        return f"no effect on {device.type}: bf16 autocast is CUDA-only (mfm.engine.autocast)"
+    return None
+
+
+def _loop_corruption(corruption: RandomFrequencyMask, clean: Tensor) -> Callable[[], Tensor]:
+    """The per-image loop on a CPU copy of the batch, drawing low/high and the radius per
+    image from the corruption's own settings, as the loader would."""
+    images = clean.detach().float().cpu()
+    batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+    scale = min(height, width) if corruption.radius_unit == "fraction" else 1.0
+    low, high = corruption.radius_range
+
+    def loop() -> Tensor:
+        keep_low = (torch.rand(batch) < corruption.p_low).tolist()
+        radii = ((low + torch.rand(batch, dtype=torch.float64) * (high - low)) * scale).tolist()
+        inner = corruption.inner_radius * scale
+        return per_image_frequency_mask(images, keep_low, radii, inner, corruption.clamp)
+
+    return loop
+
+
+def _mfu_figures(
+    mfm: StepTiming | None = None,
+    sup: StepTiming | None = None,
+    device: torch.device | None = None,
+    name: str = "",
+    amp_on: bool = False,
+    peak: float | None = None,
+) -> dict[str, Any]:
+    """The MFU keys: all null when not asked for."""
+    keys = ("step_gflop", "achieved_tflops", "peak_tflops", "peak_precision", "mfu")
+    sup_keys = ("supervised_step_gflop", "supervised_achieved_tflops", "supervised_mfu")
+    out: dict[str, Any] = dict.fromkeys((*keys, *sup_keys, "mfu_note"))
+    if mfm is None or sup is None or device is None:
+        return out
+    note = None
+    if peak is not None:
+        precision = "given"
+    elif device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        precision = "bf16" if amp_on else ("tf32" if tf32 else "fp32")
+        peak = peak_tflops(name, precision)
+        if peak is None:
+            note = f"{name} is not in the peak table: pass --peak-tflops for an MFU"
+    else:
+        precision = None
+        note = f"no peak table for {device.type}: achieved TFLOP/s only (--peak-tflops sets one)"
+
+    def rates(timing: StepTiming) -> tuple[float, float, float | None]:
+        flops = float(timing.flops or 0)
+        achieved = flops / timing.seconds / 1e12
+        return flops / 1e9, achieved, (achieved / peak if peak else None)
+
+    gflop, achieved, mfu = rates(mfm)
+    sup_gflop, sup_achieved, sup_mfu = rates(sup)
+    out.update(
+        step_gflop=gflop,
+        achieved_tflops=achieved,
+        peak_tflops=peak,
+        peak_precision=precision,
+        mfu=mfu,
+        supervised_step_gflop=sup_gflop,
+        supervised_achieved_tflops=sup_achieved,
+        supervised_mfu=sup_mfu,
+        mfu_note=note,
+    )
+    return out

@@ -14,11 +14,13 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from mfm.config import PARAMS_FILE, load_params
 from mfm.errors import Interrupted, UserError
 from mfm.io import write_json
-from mfm.paths import metrics_file
+from mfm.paths import RunDirs, metrics_file
 
 STAGES = {
     "prepare": "prepare the dataset into data/prepared (arrays or a manifest + meta.json)",
@@ -28,12 +30,15 @@ STAGES = {
     "corrupt": "ImageNet-C-style corruptions of the test split (CIFAR-10-C layout), built once",
     "robustness": "every classifier on the corrupted test set: errors, mCE, relative mCE",
     "export": "the fine-tuned classifier as ONNX, checked against torch on test images",
+    "study": "collect the pretext study into a table, a bar chart and metrics/study.json",
 }
+# Stages whose results can go under another folder (--out), e.g. one per pretext in the study.
+RELOCATABLE = ("pretrain", "linprobe", "finetune", "robustness", "export")
 # Matrix dimensions of a stage (DVC matrix / Snakemake wildcard): option -> choices.
 VARIANTS = {"finetune": {"init": ("mfm", "scratch")}}
 
 
-BENCH_HELP = "time pretraining steps on synthetic images; prints JSON (img/s, FFT share)"
+BENCH_HELP = "time MFM vs supervised steps on synthetic images; prints JSON (img/s, FFT share)"
 PREDICT_HELP = "classify image files or folders with the ONNX model (onnxruntime, no torch)"
 REPORT_HELP = "print MFM vs random/scratch from metrics/*.json as a Markdown table"
 PRESET_HELP = "merge one of the paper's recipes (presets/NAME.yaml) into params.yaml"
@@ -60,12 +65,42 @@ def build_parser() -> argparse.ArgumentParser:
         _add_params_arguments(stage)
         for option, choices in VARIANTS.get(name, {}).items():
             stage.add_argument(f"--{option}", choices=choices, required=True)
+        if name in RELOCATABLE:
+            stage.add_argument(
+                "--out",
+                default=None,
+                metavar="DIR",
+                help="put this run's results and metrics under DIR (default: results/, metrics/)",
+            )
+        if name == "robustness":
+            stage.add_argument(
+                "--scratch-from",
+                default=None,
+                metavar="DIR",
+                help="results folder whose finetune/scratch classifier is the baseline",
+            )
     bench = commands.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
     _add_params_arguments(bench)
     bench.add_argument("--batch-size", type=int, default=None, help="default: pretrain's")
     bench.add_argument("--steps", type=int, default=10, help="timed steps")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     bench.add_argument("--channels", type=int, default=3, help="image channels")
+    bench.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast on CUDA (default: runtime.amp; no effect on CPU)",
+    )
+    bench.add_argument(
+        "--channels-last", action="store_true", help="channels_last model and input (CNNs only)"
+    )
+    bench.add_argument(
+        "--compile", action="store_true", help="torch.compile the models (errors are reported)"
+    )
+    bench.add_argument("--mfu", action="store_true", help="count FLOPs; MFU on known GPUs")
+    bench.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for --mfu (implies --mfu)"
+    )
     predict = commands.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP)
     predict.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--model", default="results/export/model.onnx", help="ONNX model")
@@ -87,32 +122,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_stage(
-    stage: str, params_file: str, overrides: list[str], variant: dict[str, str] | None = None
+    stage: str,
+    params_file: str,
+    overrides: list[str],
+    variant: dict[str, str] | None = None,
+    out: str | None = None,
+    scratch_from: str | None = None,
 ) -> dict:
     """Validate params, run the stage, store its metrics; returns the metrics."""
     variant = variant or {}
     params = load_params(params_file, overrides)
+    dirs = RunDirs(Path(out) if out else None)
+    kwargs: dict[str, Any] = {**variant, **dirs.stage_kwargs(stage)}
+    if scratch_from:
+        kwargs["scratch_dir"] = RunDirs(Path(scratch_from)).finetune
     module = importlib.import_module(f"mfm.{stage}")
-    metrics = module.run(params, **variant)
+    metrics = module.run(params, **kwargs)
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 alone writes results
         return metrics
-    if getattr(module, "METRICS_PER_KEY", False):  # one stage, one file per classifier
-        for key, values in metrics.items():
-            write_json(metrics_file(stage, *variant.values(), key), values)
-    else:
-        write_json(metrics_file(stage, *variant.values()), metrics)
+    keys = metrics.items() if getattr(module, "METRICS_PER_KEY", False) else [(None, metrics)]
+    for key, values in keys:  # one file, or one per classifier
+        name = (*variant.values(), key) if key else tuple(variant.values())
+        write_json(metrics_file(stage, *name, metrics_dir=dirs.metrics), values)
     return metrics
 
 
 def run_bench(args: argparse.Namespace) -> dict:
     """The throughput benchmark: prints figures, writes no pipeline output."""
+    import math
+
     from mfm import bench
 
     params = load_params(args.params, args.overrides)
-    batch_size = args.batch_size or params.pretrain.batch_size
+    batch_size = params.pretrain.batch_size if args.batch_size is None else args.batch_size
     if min(batch_size, args.steps, args.channels) < 1 or args.warmup < 0:
         raise UserError("bench: --batch-size, --steps and --channels must be >= 1, --warmup >= 0")
-    return bench.run(params, batch_size, args.steps, args.warmup, args.channels)
+    peak = args.peak_tflops
+    if peak is not None and not (math.isfinite(peak) and peak > 0):
+        raise UserError(f"bench: --peak-tflops must be a positive number, got {peak}")
+    return bench.run(
+        params,
+        batch_size,
+        args.steps,
+        args.warmup,
+        args.channels,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        mfu=args.mfu,
+        peak=peak,
+    )
 
 
 def run_preset(args: argparse.Namespace) -> str:
@@ -150,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = run_bench(args)
         else:
             variant = {name: getattr(args, name) for name in VARIANTS.get(args.stage, {})}
-            metrics = run_stage(args.stage, args.params, args.overrides, variant)
+            out, scratch_from = getattr(args, "out", None), getattr(args, "scratch_from", None)
+            metrics = run_stage(args.stage, args.params, args.overrides, variant, out, scratch_from)
     except UserError as err:
         print(f"mfm {args.stage}: error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 dvc.yaml and the Snakefile name the same paths; a test checks that they agree.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 PREPARED_DIR = Path("data/prepared")
@@ -13,7 +14,52 @@ EXPORT_DIR = Path("results/export")
 METRICS_DIR = Path("metrics")
 
 
-def metrics_file(stage: str, *variant: str) -> Path:
+STUDY_DIR = Path("results/study")
+
+
+def metrics_file(stage: str, *variant: str, metrics_dir: Path = METRICS_DIR) -> Path:
     """``metrics/<stage>[_<variant>].json``: one JSON of numbers per stage (and matrix item),
     declared as DVC metrics."""
-    return METRICS_DIR / f"{'_'.join((stage, *variant))}.json"
+    return metrics_dir / f"{'_'.join((stage, *variant))}.json"
+
+
+@dataclass(frozen=True)
+class RunDirs:
+    """Where one run's models, figures and metrics go (the prepared and corrupted data are
+    shared). The main job uses ``results/`` and ``metrics/``; ``--root R`` puts a run under
+    ``R/`` and ``R/metrics/``, as the pretext study does for each pretext."""
+
+    root: Path | None = None
+
+    def _under(self, default: Path) -> Path:
+        return default if self.root is None else self.root / default.relative_to("results")
+
+    @property
+    def pretrain(self) -> Path:
+        return self._under(PRETRAIN_DIR)
+
+    @property
+    def finetune(self) -> Path:
+        return self._under(FINETUNE_DIR)
+
+    @property
+    def robustness(self) -> Path:
+        return self._under(ROBUSTNESS_DIR)
+
+    @property
+    def export(self) -> Path:
+        return self._under(EXPORT_DIR)
+
+    @property
+    def metrics(self) -> Path:
+        return METRICS_DIR if self.root is None else self.root / "metrics"
+
+    def stage_kwargs(self, stage: str) -> dict[str, Path]:
+        """The output/input folders a stage's ``run`` takes, for this run."""
+        return {
+            "pretrain": {"out_dir": self.pretrain},
+            "linprobe": {"pretrain_dir": self.pretrain},
+            "finetune": {"pretrain_dir": self.pretrain, "out_root": self.finetune},
+            "robustness": {"finetune_dir": self.finetune, "out_dir": self.robustness},
+            "export": {"finetune_dir": self.finetune, "export_dir": self.export},
+        }.get(stage, {})

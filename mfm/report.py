@@ -34,7 +34,7 @@ def _read(stage: str, variant: str | None, root: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _value(stage: str, where: tuple[str, str], root: Path) -> float | None:
+def metric_value(stage: str, where: tuple[str, str], root: Path) -> float | None:
     """linprobe keeps both encoders in one file; finetune and robustness one file per init."""
     group, key = where
     data = _read(stage, None, root) if stage == "linprobe" else _read(stage, group, root)
@@ -52,7 +52,7 @@ def table(root: str | Path = ".") -> str:
     lines = ["| | MFM init | random init / scratch | difference |", "|---|---|---|---|"]
     for label, stage, key in ROWS:
         ours, theirs = PAIRS[stage]
-        a, b = _value(stage, (ours, key), root), _value(stage, (theirs, key), root)
+        a, b = metric_value(stage, (ours, key), root), metric_value(stage, (theirs, key), root)
         if a is None or b is None:
             continue
         lines.append(f"| {label} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")

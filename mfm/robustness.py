@@ -112,13 +112,21 @@ def run(
     corrupted_dir: str | Path = CORRUPTED_DIR,
     finetune_dir: str | Path = FINETUNE_DIR,
     out_dir: str | Path = ROBUSTNESS_DIR,
+    scratch_dir: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Score every init's classifier; returns {init: report} (one metrics file each)."""
+    """Score every init's classifier; returns {init: report} (one metrics file each).
+
+    ``scratch_dir`` (a finetune folder) supplies the scratch baseline when it lives
+    elsewhere, as in the pretext study, where every pretext shares the main job's.
+    """
     device = resolve_device(params.runtime.device)
     meta = load_meta(prepared_dir, params.data.dataset)
     corrupted = load_corrupted(corrupted_dir)
     names = [n for n in corrupted.info["corruptions"] if n in IMAGENET_C_CORRUPTIONS]
-    models = {init: _load(Path(finetune_dir), init, meta, device) for init in INITS}
+    folders = {init: Path(finetune_dir) for init in INITS}
+    if scratch_dir is not None:
+        folders["scratch"] = Path(scratch_dir)
+    models = {init: _load(folders[init], init, meta, device) for init in INITS}
     reports = {}
     if names:  # image-folder data sets have no on-the-fly corrupted set
         reports = _corrupted_reports(models, corrupted, meta, params, names, Path(out_dir))

@@ -41,10 +41,15 @@ def _placeholders(text: str) -> str:
     return re.sub(r"\{(\w+),[^}]*\}", r"{\1}", text)
 
 
-def dvc_stages() -> dict[str, dict[str, Any]]:
-    """Each DVC stage as {cmd, deps, params, outs}; persisted outs (resume checkpoints)
-    are engine-private state, so they are left out of the comparison."""
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PIPELINES = ("dvc.yaml", "study/dvc.yaml")  # the main job, and the pretext study
+
+
+def dvc_stages(*files: str) -> dict[str, dict[str, Any]]:
+    """Each DVC stage (of ``files``, default: every pipeline) as {cmd, deps, params, outs};
+    persisted outs (resume checkpoints) are engine-private state, so they are left out."""
+    spec = {}
+    for file in files or PIPELINES:
+        spec.update(yaml.safe_load((ROOT / file).read_text())["stages"])
     stages = {}
     for name, stage in spec.items():
         outs = set()
@@ -120,7 +125,7 @@ def test_every_stage_command_is_the_cli() -> None:
     values are exactly the CLI's choices (and Snakemake's wildcard values)."""
     from mfm.cli import STAGES, VARIANTS
 
-    for name, stage in dvc_stages().items():
+    for name, stage in dvc_stages("dvc.yaml").items():
         assert name in STAGES
         variants = VARIANTS.get(name, {})
         options = "".join(f" --{option} {{{option}}}" for option in variants)
@@ -134,6 +139,24 @@ def test_wildcard_values_match_the_cli_choices() -> None:
     rules = (ROOT / "workflow" / "rules" / "evaluate.smk").read_text()
     for choices in VARIANTS["finetune"].values():
         assert f"INITS = {list(choices)!r}".replace("'", '"') in rules
+
+
+def test_study_stages_are_the_main_commands_per_pretext() -> None:
+    """study_X runs ``python -m mfm X`` with its results under results/study/{pretext}, over
+    exactly the pretexts the config allows (DVC matrix and Snakemake wildcard alike)."""
+    from mfm.study import PRETEXTS
+
+    study = yaml.safe_load((ROOT / "study/dvc.yaml").read_text())["stages"]
+    for name, stage in dvc_stages("study/dvc.yaml").items():
+        assert study[name]["wdir"] == ".."
+        if name == "study":
+            assert stage["cmd"] == "python -m mfm study"
+            continue
+        assert stage["cmd"].startswith(f"python -m mfm {name.removeprefix('study_')} ")
+        assert "--out results/study/{pretext}" in stage["cmd"]
+        assert tuple(stage["matrix"]["pretext"]) == PRETEXTS
+    rules = (ROOT / "workflow" / "rules" / "study.smk").read_text()
+    assert f"PRETEXTS = {list(PRETEXTS)!r}".replace("'", '"') in rules
 
 
 def test_params_listed_in_dvc_exist_in_params_yaml() -> None:
