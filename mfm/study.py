@@ -24,6 +24,8 @@ log = logging.getLogger("mfm.study")
 PRETEXTS: tuple[str, ...] = get_args(PretrainParams.model_fields["pretext"].annotation)
 BASELINE = "random init / scratch"
 TABLE_FILE, CHART_FILE = "study.md", "study.png"
+CURVES_FILE, RECONSTRUCTIONS_FILE = "curves.png", "reconstructions.png"
+LOSS_TSV = Path("live/plots/metrics/train/loss.tsv")  # dvclive's per-step training loss
 # column -> (stage, (run, key)) for a pretext's run and for the baseline
 COLUMNS: dict[str, tuple[str, tuple[str, str], tuple[str, str]]] = {
     "probe_top1": ("linprobe", ("pretrained", "logreg_top1"), ("random", "logreg_top1")),
@@ -97,13 +99,62 @@ def chart(study: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(params: Params, study_dir: str | Path = STUDY_DIR) -> dict[str, Any]:
-    """Collect, write the table and the chart; returns ``metrics/study.json``."""
-    study_dir = Path(study_dir)
-    study = collect(study_dir)
+def _loss_curve(tsv: Path) -> tuple[list[int], list[float]]:
+    if not tsv.is_file():
+        raise UserError(f"{tsv} not found; run the study first: dvc repro study/dvc.yaml")
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
+    return [int(r[0]) for r in rows], [float(r[1]) for r in rows]
+
+
+def curves(study_dir: Path, main_root: Path, path: Path) -> None:
+    """Training loss per step: pretraining by pretext, fine-tuning by init (scratch: the main
+    job's), from the dvclive curves the stages logged."""
+    fig, (pre, fine) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for pretext in PRETEXTS:
+        pre.plot(*_loss_curve(study_dir / pretext / "pretrain" / LOSS_TSV), label=pretext)
+        tuned = study_dir / pretext / "finetune" / "mfm" / LOSS_TSV
+        fine.plot(*_loss_curve(tuned), label=f"{pretext} init")
+    scratch = main_root / "results" / "finetune" / "scratch" / LOSS_TSV
+    fine.plot(*_loss_curve(scratch), label="scratch", color="black", linestyle="--")
+    pre.set(title="pretraining loss (frequency space)", xlabel="step", yscale="log")
+    fine.set(title="fine-tuning loss", xlabel="step")
+    for ax in (pre, fine):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def reconstructions(study_dir: Path, path: Path) -> None:
+    """The pretrain stages' corruption/reconstruction figures, one per pretext, stacked."""
+    images = []
+    for pretext in PRETEXTS:
+        figure = study_dir / pretext / "pretrain" / "reconstruction.png"
+        if not figure.is_file():
+            raise UserError(f"{figure} not found; run the study first: dvc repro study/dvc.yaml")
+        images.append(plt.imread(figure))
+    fig, axes = plt.subplots(len(images), 1, figsize=(8, 2.6 * len(images)))
+    for ax, image in zip(axes, images, strict=True):
+        ax.imshow(image)
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def run(
+    params: Params, study_dir: str | Path = STUDY_DIR, main_root: str | Path = "."
+) -> dict[str, Any]:
+    """Collect, write the table and the figures; returns ``metrics/study.json``."""
+    study_dir, main_root = Path(study_dir), Path(main_root)
+    study = collect(study_dir, main_root)
     text = table(study)
     with atomic_path(study_dir / TABLE_FILE) as tmp:
         tmp.write_text(text)
     chart(study, study_dir / CHART_FILE, f"Pretext study on {params.data.dataset}")
+    curves(study_dir, main_root, study_dir / CURVES_FILE)
+    reconstructions(study_dir, study_dir / RECONSTRUCTIONS_FILE)
     log.info("study:\n%s", text)
     return study

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mfm.cli import main
 from mfm.errors import UserError
-from mfm.study import PRETEXTS, chart, collect, table
+from mfm.figures import plt
+from mfm.study import LOSS_TSV, PRETEXTS, chart, collect, table
 
 
 def _write(path: Path, data: dict) -> None:
@@ -31,7 +33,19 @@ def fake_study(root: Path) -> None:
         _write(metrics / "finetune_mfm.json", {"init": "mfm", "top1": 80.0 + i})
         _write(metrics / "robustness_mfm.json", {"clean_error": 20.0 - i, "mce": 90.0 - i})
         _write(metrics / "robustness_scratch.json", {"clean_error": 25.0, "mce": 100.0})
+        run = root / "results/study" / pretext
+        _curve(run / "pretrain" / LOSS_TSV, 1.0 + i)
+        _curve(run / "finetune/mfm" / LOSS_TSV, 2.0 + i)
+        plt.imsave(run / "pretrain/reconstruction.png", np.full((20, 60, 3), 0.2 * i))
     _write(root / "metrics/finetune_scratch.json", {"init": "scratch", "top1": 75.0})
+    _curve(root / "results/finetune/scratch" / LOSS_TSV, 3.0)
+
+
+def _curve(path: Path, start: float) -> None:
+    """A dvclive loss TSV: step and loss columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{10 * k}\t{start / k}\n" for k in range(1, 6))
+    path.write_text("step\tloss\n" + rows)
 
 
 def test_collects_every_pretext_and_the_baseline(tmp_path: Path) -> None:
@@ -77,4 +91,16 @@ def test_the_cli_writes_json_table_and_chart(
     stored = json.loads((tmp_path / "metrics/study.json").read_text())
     assert stored["pretexts"]["denoise"]["finetune_top1"] == 83.0
     assert (tmp_path / "results/study/study.md").read_text() == table(stored)
-    assert (tmp_path / "results/study/study.png").is_file()
+    for figure in ("study.png", "curves.png", "reconstructions.png"):
+        assert (tmp_path / "results/study" / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_curves_are_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_study(tmp_path)
+    (tmp_path / "results/study/sr/pretrain" / LOSS_TSV).unlink()
+    (tmp_path / "params.yaml").write_text("data:\n  dataset: digits\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["study"]) == 2
+    assert "sr/pretrain/live/plots/metrics/train/loss.tsv not found" in capsys.readouterr().err

@@ -132,11 +132,19 @@ rule study:
             name=STUDY_METRICS,
         ),
         "metrics/finetune_scratch.json",
+        expand("results/study/{pretext}/pretrain/live/plots/metrics", pretext=PRETEXTS),
+        expand(
+            "results/study/{pretext}/finetune/mfm/live/plots/metrics", pretext=PRETEXTS
+        ),
+        expand("results/study/{pretext}/pretrain/reconstruction.png", pretext=PRETEXTS),
+        "results/finetune/scratch/live/plots/metrics",
         "mfm/study.py",
         "mfm/report.py",
     output:
         "results/study/study.md",
         "results/study/study.png",
+        "results/study/curves.png",
+        "results/study/reconstructions.png",
         "metrics/study.json",
     log:
         "logs/study.log",
