@@ -164,3 +164,20 @@ def make_params() -> Callable[..., Params]:
         return Params.model_validate({"data": data, "runtime": {"seed": seed}})
 
     return build
+
+
+def tiny_training_params(
+    pretrain_epochs: int, finetune_epochs: int, batch_size: int
+) -> dict[str, Any]:
+    """Params for running the training stages as subprocesses on digits in seconds."""
+    return {
+        "data": {"dataset": "digits", "img_size": 16},
+        "model": {
+            "name": "vit_tiny_patch16_224",
+            "patch_size": 4,
+            "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+        },
+        "pretrain": {"epochs": pretrain_epochs, "batch_size": batch_size, "warmup_epochs": 0.0},
+        "finetune": {"epochs": finetune_epochs, "batch_size": batch_size},
+        "runtime": {"device": "cpu", "workers": 0},
+    }

@@ -22,6 +22,7 @@ from mfm.distributed import GlobalBatchShard, World, per_rank_batch, wrap
 from mfm.engine import LoopConfig, TrainLoop, build_optimizer, build_scheduler
 from mfm.errors import UserError
 from mfm.prepare import run as prepare
+from tests.conftest import tiny_training_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, GLOBAL_BATCH = 2, 8
@@ -99,17 +100,7 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path: Path) -> Non
     assert not (tmp_path / "rank1").exists()  # rank 1 writes nothing
 
 
-TINY = {
-    "data": {"dataset": "digits", "img_size": 16},
-    "model": {
-        "name": "vit_tiny_patch16_224",
-        "patch_size": 4,
-        "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
-    },
-    "pretrain": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.0},
-    "finetune": {"epochs": 1, "batch_size": 64},
-    "runtime": {"device": "cpu", "workers": 0},
-}
+TINY = tiny_training_params(1, 1, 64)
 
 
 def _stage(project: Path, *launcher: str, stage: str = "pretrain") -> dict:

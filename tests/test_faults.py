@@ -15,18 +15,9 @@ import yaml
 
 from mfm.config import Params
 from mfm.prepare import run as prepare
+from tests.conftest import tiny_training_params
 
-TINY = {
-    "data": {"dataset": "digits", "img_size": 16},
-    "model": {
-        "name": "vit_tiny_patch16_224",
-        "patch_size": 4,
-        "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
-    },
-    "pretrain": {"epochs": 4, "batch_size": 32, "warmup_epochs": 0.0},
-    "finetune": {"epochs": 3, "batch_size": 32},
-    "runtime": {"device": "cpu", "workers": 0},
-}
+TINY = tiny_training_params(4, 3, 32)
 STAGES = {
     "pretrain": ("results/pretrain/encoder.pt", "metrics/pretrain.json", "final_loss"),
     "finetune --init mfm": (
