@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mfm.config import PARAMS_FILE, load_params
+from mfm.config import INITS, PARAMS_FILE, load_params
 from mfm.errors import Interrupted, UserError
 from mfm.io import write_json
 from mfm.paths import RunDirs, metrics_file
@@ -35,7 +35,7 @@ STAGES = {
 # Stages whose results can go under another folder (--out), e.g. one per pretext in the study.
 RELOCATABLE = ("pretrain", "linprobe", "finetune", "robustness", "export")
 # Matrix dimensions of a stage (DVC matrix / Snakemake wildcard): option -> choices.
-VARIANTS = {"finetune": {"init": ("mfm", "scratch")}}
+VARIANTS = {"finetune": {"init": INITS}}
 
 
 BENCH_HELP = "time MFM vs supervised steps on synthetic images; prints JSON (img/s, FFT share)"

@@ -11,7 +11,7 @@ import copy
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -29,6 +29,9 @@ PARAMS_FILE = "params.yaml"
 
 DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagefolder"]
 PretextName = Literal["mfm", "sr", "deblur", "denoise"]
+# How a classifier starts: from the pretrained encoder, or from random init (the baseline).
+InitName = Literal["mfm", "scratch"]
+INITS: tuple[str, ...] = get_args(InitName)
 
 
 def _check_crop_scale(value: tuple[float, float]) -> tuple[float, float]:
@@ -253,7 +256,7 @@ class RobustnessParams(StrictModel):
 class ExportParams(StrictModel):
     """ONNX export of a fine-tuned classifier and its parity check against torch."""
 
-    init: Literal["mfm", "scratch"] = Field("mfm", description="Which classifier to export.")
+    init: InitName = Field("mfm", description="Which classifier to export.")
     opset: int = Field(18, ge=17, le=23, description="ONNX opset (>= 17).")
     parity_images: int = Field(256, ge=1, description="Test images the parity check runs on.")
     atol: float = Field(1e-4, gt=0.0, description="Largest allowed |logit difference|.")

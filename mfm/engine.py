@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -36,6 +34,7 @@ from tqdm import tqdm
 from mfm.distributed import World, barrier, sum_over_ranks
 from mfm.errors import Interrupted, UserError
 from mfm.io import save_torch
+from mfm.seeding import rng_state, seed_everything, set_rng_state
 from mfm.tracking import open_live, publish_live
 
 log = logging.getLogger("mfm")
@@ -45,36 +44,6 @@ StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 EpochBatches = Callable[[int, int], Iterable[Any]]
 CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "global_step", "history", "fingerprint"}
 STOP_SIGNALS = (signal.SIGTERM,)
-
-
-def seed_everything(seed: int) -> None:
-    """torch, numpy and Python's ``random``: timm's Mixup and RandomErasing draw from the
-    latter two, so all three must restart with each epoch for a resume to replay it."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every generator's state as plain tensors, lists and ints (``weights_only`` loads it)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def previous_checkpoint(path: Path) -> Path:

@@ -27,7 +27,7 @@ from mfm.config import Params
 from mfm.data import DatasetMeta, device_augment, image_dataset, load_meta, normalizer
 from mfm.errors import UserError
 from mfm.io import atomic_path
-from mfm.models import load_classifier
+from mfm.models import fixed_input_size, load_classifier
 from mfm.paths import EXPORT_DIR, FINETUNE_DIR, PREPARED_DIR
 from mfm.predict import EXPORT_HINT, OnnxClassifier
 
@@ -45,7 +45,7 @@ def dynamic_shapes(model: nn.Module) -> tuple[dict[int, Any]]:
     from torch.export import Dim
 
     axes: dict[int, Any] = {0: Dim("batch", min=1, max=1 << 16)}
-    if not hasattr(model, "patch_embed"):
+    if not fixed_input_size(model):
         axes[2] = Dim("height", min=8, max=MAX_SIDE)
         axes[3] = Dim("width", min=8, max=MAX_SIDE)
     return (axes,)  # positional: the one input of forward()

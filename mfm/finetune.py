@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-from mfm.config import FinetuneParams, Params
+from mfm.config import INITS, FinetuneParams, Params
 from mfm.data import (
     DatasetMeta,
     device_augment,
@@ -44,12 +44,15 @@ from mfm.engine import (
 )
 from mfm.errors import UserError
 from mfm.io import atomic_path
-from mfm.models import build_classifier, load_encoder_weights, save_classifier
+from mfm.models import (
+    build_classifier,
+    fixed_input_size,
+    load_encoder_weights,
+    save_classifier,
+)
 from mfm.paths import FINETUNE_DIR, PREPARED_DIR, PRETRAIN_DIR
 
 log = logging.getLogger("mfm.finetune")
-
-INITS = ("mfm", "scratch")
 
 
 class RandAugmented(Dataset):
@@ -215,7 +218,7 @@ def _train(
 
     train_set = _train_dataset(prepared_dir, meta, params)
     test_set = image_dataset(prepared_dir, "test", img_size, train=False)
-    layer_decay = cfg.layer_decay if hasattr(model, "patch_embed") else None
+    layer_decay = cfg.layer_decay if fixed_input_size(model) else None
     optimizer, scheduler, lr, steps_per_epoch = optimizer_and_schedule(
         model, cfg, len(train_set), "finetune", layer_decay
     )

@@ -22,6 +22,13 @@ from mfm.errors import UserError
 MIN_FEATURE_MAP = 4
 
 
+def fixed_input_size(model: nn.Module) -> bool:
+    """Whether ``model`` embeds patches (ViT, Swin, ...): such models are built for one input
+    size (position embeddings, windows) and have transformer blocks that layer-wise lr decay
+    groups; CNNs take any size."""
+    return hasattr(model, "patch_embed")
+
+
 class Encoder(nn.Module):
     """A timm backbone with one uniform API: ``forward_features`` and ``feature_map``.
 
@@ -33,7 +40,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
-        self.is_vit = hasattr(backbone, "patch_embed")
+        self.is_vit = fixed_input_size(backbone)
         self.num_features = int(backbone.num_features)
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         self.stride = int(backbone.feature_info[-1]["reduction"])
@@ -129,7 +136,7 @@ def build_encoder(model: ModelParams, img_size: int, in_chans: int) -> Encoder:
         if "img_size" not in str(err) and "patch_size" not in str(err):
             raise
         backbone = _create_backbone(spec)
-    if not hasattr(backbone, "patch_embed"):
+    if not fixed_input_size(backbone):
         stride = int(backbone.feature_info[-1]["reduction"])
         if img_size // stride < MIN_FEATURE_MAP:
             spec["output_stride"] = _small_image_stride(img_size, stride)

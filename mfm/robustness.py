@@ -19,13 +19,13 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from mfm.benchmarks import evaluate_benchmarks
-from mfm.config import Params
+from mfm.config import INITS, Params
 from mfm.corrupt import CORRUPTED_DIR, CorruptedSet, load_corrupted
 from mfm.data import DatasetMeta, load_meta
 from mfm.engine import resolve_device
 from mfm.errors import UserError
 from mfm.figures import text_figure
-from mfm.finetune import INITS, evaluate
+from mfm.finetune import evaluate
 from mfm.models import load_classifier
 from mfm.paths import FINETUNE_DIR, PREPARED_DIR, ROBUSTNESS_DIR
 from mfm.robustness_metrics import IMAGENET_C_CORRUPTIONS, error_heatmap, robustness_report
