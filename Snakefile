@@ -11,8 +11,11 @@ PARAMS = validate_params(config, "params.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/prepare.smk"
 include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/linprobe.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/corrupt.smk"
 include: "workflow/rules/robustness.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/study.smk"

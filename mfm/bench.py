@@ -59,10 +59,11 @@ from torch.utils import flop_counter
 
 from mfm.config import Params
 from mfm.data import DatasetMeta, device_augment, normalizer
-from mfm.engine import autocast, build_optimizer, resolve_device, scaled_lr
+from mfm.device import autocast, resolve_device
 from mfm.frequency import RandomFrequencyMask, build_corruption
 from mfm.losses import FrequencyLoss
 from mfm.models import MFMModel, build_classifier, build_encoder
+from mfm.optim import build_optimizer, scaled_lr
 
 SUPERVISED_CLASSES = 10
 _SPATIAL = (-2, -1)

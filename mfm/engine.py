@@ -13,11 +13,8 @@ stops; the rerun continues from that step. Under torchrun, only rank 0 writes or
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -26,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm import tqdm
 
+from mfm.checkpoints import fingerprint, read_checkpoint, write_checkpoint
+from mfm.device import autocast
 from mfm.distributed import World, barrier, sum_over_ranks
 from mfm.errors import Interrupted, UserError
-from mfm.io import save_torch
 from mfm.seeding import rng_state, seed_everything, set_rng_state
 from mfm.tracking import open_live, publish_live
 
@@ -42,107 +39,7 @@ log = logging.getLogger("mfm")
 StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 # epoch -> first global batch -> the batches of that epoch from there on
 EpochBatches = Callable[[int, int], Iterable[Any]]
-CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "global_step", "history", "fingerprint"}
 STOP_SIGNALS = (signal.SIGTERM,)
-
-
-def previous_checkpoint(path: Path) -> Path:
-    """Where the checkpoint before the latest one is kept, the fallback if that is torn."""
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; asking for a missing device is a user error."""
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        # TF32 matmuls for the fp32 parts (AMP off, or ops autocast keeps in fp32).
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("runtime.device = 'cuda' but no CUDA GPU is visible; use auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("runtime.device = 'mps' but MPS is not available; use auto or cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when AMP is on; full precision elsewhere (CPU bf16 is slower)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def scaled_lr(base_lr: float, batch_size: int) -> float:
-    """Linear scaling rule: ``base_lr`` is the lr for 512 images per step."""
-    return base_lr * batch_size / 512
-
-
-def build_optimizer(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    layer_decay: float | None = None,
-) -> torch.optim.Optimizer:
-    """AdamW through timm: no decay on 1-D params and biases, optional layer-wise lr decay."""
-    return create_optimizer_v2(
-        model, opt="adamw", lr=lr, weight_decay=weight_decay, betas=betas, layer_decay=layer_decay
-    )
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    total_steps: int,
-    warmup_steps: int,
-    min_lr: float,
-) -> CosineLRScheduler:
-    """Per-step linear warmup then cosine decay to ``min_lr`` (timm honours ``lr_scale``)."""
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, total_steps - warmup_steps),
-        lr_min=min_lr,
-        warmup_t=warmup_steps,
-        warmup_lr_init=min_lr,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
-
-
-def optimizer_and_schedule(
-    model: nn.Module,
-    recipe: Any,
-    num_images: int,
-    stage: str,
-    layer_decay: float | None = None,
-) -> tuple[torch.optim.Optimizer, CosineLRScheduler, float, int]:
-    """AdamW and its per-step schedule from a stage's params section (``batch_size``, ``lr``
-    and ``min_lr`` per 512 images, ``epochs``, ``warmup_epochs``, ``weight_decay``,
-    ``betas``); returns them with the scaled lr and the steps per epoch."""
-    if num_images < recipe.batch_size:
-        raise UserError(
-            f"{stage}.batch_size = {recipe.batch_size} exceeds the {num_images} training "
-            f"images; lower {stage}.batch_size"
-        )
-    steps_per_epoch = num_images // recipe.batch_size
-    lr = scaled_lr(recipe.lr, recipe.batch_size)
-    optimizer = build_optimizer(model, lr, recipe.weight_decay, recipe.betas, layer_decay)
-    scheduler = build_scheduler(
-        optimizer,
-        total_steps=recipe.epochs * steps_per_epoch,
-        warmup_steps=round(recipe.warmup_epochs * steps_per_epoch),
-        min_lr=scaled_lr(recipe.min_lr, recipe.batch_size),
-    )
-    return optimizer, scheduler, lr, steps_per_epoch
-
-
-def fingerprint(config: dict[str, Any]) -> str:
-    """Short stable hash of the settings a checkpoint was trained with."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -259,38 +156,7 @@ class TrainLoop:
         """Rank 0 writes; the checkpoint it replaces becomes the fallback copy."""
         if not self.here.is_main:
             return
-        path = self.cfg.checkpoint_path
-        state = self.state(epoch, complete, tally)
-        if path.is_file():
-            os.replace(path, previous_checkpoint(path))
-        save_torch(state, path)
-        if complete:
-            previous_checkpoint(path).unlink(missing_ok=True)
-
-    def _read_checkpoint(self) -> dict[str, Any] | None:
-        """The newest readable checkpoint: the latest, else the one before it (a kill while
-        writing, a full disk). None if there is none; a UserError if none is readable."""
-        path = self.cfg.checkpoint_path
-        candidates = [p for p in (path, previous_checkpoint(path)) if p.is_file()]
-        problems = []
-        for candidate in candidates:
-            try:
-                ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
-                if not isinstance(ckpt, dict) or not set(ckpt) >= CHECKPOINT_KEYS:
-                    raise ValueError("not a training checkpoint")
-            except Exception as err:  # noqa: BLE001 - a torn, truncated or foreign file
-                problems.append(f"{candidate} ({err.__class__.__name__})")
-                log.warning("%s: checkpoint %s is unreadable", self.cfg.desc, candidate)
-                continue
-            if problems:
-                log.warning("%s: falling back to the previous checkpoint", self.cfg.desc)
-            return ckpt
-        if problems:
-            raise UserError(
-                f"{self.cfg.desc}: no readable checkpoint: {'; '.join(problems)}; delete "
-                f"{' and '.join(p.split(' (')[0] for p in problems)} to train from scratch"
-            )
-        return None
+        write_checkpoint(self.state(epoch, complete, tally), self.cfg.checkpoint_path, complete)
 
     def try_resume(self) -> tuple[int, int]:
         """Resume an interrupted run with the same settings; return (epoch, global batch of
@@ -299,7 +165,7 @@ class TrainLoop:
         A finished run's checkpoint, or one made with other settings, is ignored: a stage is
         rerun because something changed, and then it must train from scratch.
         """
-        ckpt = self._read_checkpoint()
+        ckpt = read_checkpoint(self.cfg.checkpoint_path, self.cfg.desc)
         if ckpt is None:
             return 0, 0
         if ckpt.get("complete") or ckpt.get("fingerprint") != fingerprint(self.cfg.config):

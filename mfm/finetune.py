@@ -35,13 +35,9 @@ from mfm.data import (
     normalizer,
     training_loader,
 )
+from mfm.device import resolve_device
 from mfm.distributed import World, barrier, broadcast, setup, teardown, wrap
-from mfm.engine import (
-    TrainLoop,
-    optimizer_and_schedule,
-    resolve_device,
-    stage_loop_config,
-)
+from mfm.engine import TrainLoop, stage_loop_config
 from mfm.errors import UserError
 from mfm.io import atomic_path
 from mfm.models import (
@@ -50,6 +46,7 @@ from mfm.models import (
     load_encoder_weights,
     save_classifier,
 )
+from mfm.optim import optimizer_and_schedule
 from mfm.paths import FINETUNE_DIR, PREPARED_DIR, PRETRAIN_DIR
 
 log = logging.getLogger("mfm.finetune")

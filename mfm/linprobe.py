@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mfm.config import LinprobeParams, Params
 from mfm.data import DatasetMeta, device_augment, image_dataset, load_meta, make_loader, normalizer
-from mfm.engine import resolve_device
+from mfm.device import resolve_device
 from mfm.errors import UserError
 from mfm.models import Encoder, encoder_from_spec, load_encoder
 from mfm.paths import PREPARED_DIR, PRETRAIN_DIR

@@ -16,17 +16,14 @@ import torch
 
 from mfm.config import Params
 from mfm.data import device_augment, image_dataset, load_meta, normalizer, training_loader
+from mfm.device import resolve_device
 from mfm.distributed import World, setup, teardown, wrap
-from mfm.engine import (
-    TrainLoop,
-    optimizer_and_schedule,
-    resolve_device,
-    stage_loop_config,
-)
+from mfm.engine import TrainLoop, stage_loop_config
 from mfm.figures import reconstruction_figure
 from mfm.frequency import build_corruption, filter_spectrum
 from mfm.losses import FrequencyLoss
 from mfm.models import MFMModel, build_encoder, save_encoder
+from mfm.optim import optimizer_and_schedule
 from mfm.paths import PREPARED_DIR, PRETRAIN_DIR
 
 log = logging.getLogger("mfm.pretrain")

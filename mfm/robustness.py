@@ -22,7 +22,7 @@ from mfm.benchmarks import evaluate_benchmarks
 from mfm.config import INITS, Params
 from mfm.corrupt import CORRUPTED_DIR, CorruptedSet, load_corrupted
 from mfm.data import DatasetMeta, load_meta
-from mfm.engine import resolve_device
+from mfm.device import resolve_device
 from mfm.errors import UserError
 from mfm.figures import text_figure
 from mfm.finetune import evaluate

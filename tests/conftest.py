@@ -181,3 +181,11 @@ def tiny_training_params(
         "finetune": {"epochs": finetune_epochs, "batch_size": batch_size},
         "runtime": {"device": "cpu", "workers": 0},
     }
+
+
+@pytest.fixture(scope="session")
+def snakemake_rules() -> dict[str, dict[str, Any]]:
+    """Every Snakemake rule as {cmd, deps, params, outs} (parsing the workflow takes a while)."""
+    from tests.pipeline_spec import snakemake_rules as read_rules
+
+    return read_rules()

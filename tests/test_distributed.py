@@ -19,8 +19,9 @@ from torch.utils.data import TensorDataset
 from mfm.config import Params
 from mfm.data import training_loader
 from mfm.distributed import GlobalBatchShard, World, per_rank_batch, wrap
-from mfm.engine import LoopConfig, TrainLoop, build_optimizer, build_scheduler
+from mfm.engine import LoopConfig, TrainLoop
 from mfm.errors import UserError
+from mfm.optim import build_optimizer, build_scheduler
 from mfm.prepare import run as prepare
 from tests.conftest import tiny_training_params
 

@@ -11,17 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from mfm.checkpoints import previous_checkpoint
 from mfm.data import training_loader
-from mfm.engine import (
-    LoopConfig,
-    TrainLoop,
-    build_optimizer,
-    build_scheduler,
-    previous_checkpoint,
-    resolve_device,
-    scaled_lr,
-)
+from mfm.device import resolve_device
+from mfm.engine import LoopConfig, TrainLoop
 from mfm.errors import Interrupted, UserError
+from mfm.optim import build_optimizer, build_scheduler, scaled_lr
 from mfm.tracking import trim_history
 
 STEPS_PER_EPOCH = 4

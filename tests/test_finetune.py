@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from mfm.config import ModelParams, Params
-from mfm.engine import build_optimizer
 from mfm.errors import UserError
 from mfm.finetune import _mixer, evaluate, mix_batch, run, write_predictions
 from mfm.models import build_classifier, build_encoder, load_classifier, save_encoder
+from mfm.optim import build_optimizer
 
 TINY_VIT = {
     "name": "vit_tiny_patch16_224",

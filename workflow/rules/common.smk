@@ -1,4 +1,10 @@
-# Helpers the rules share.
+# What the rules share: the inits finetune runs for (the DVC matrix's values, from the
+# package itself) and how training jobs start.
+from mfm.config import INITS
+
+
+wildcard_constraints:
+    init="|".join(INITS),
 
 
 def launcher(wildcards, resources):

@@ -1,26 +1,4 @@
-# prepare -> pretrain. `params:` carries every key a stage reads, so a changed value reruns
-# the rule; `input:` lists the code it runs, as dvc.yaml's deps do.
-
-
-rule prepare:
-    input:
-        "mfm/prepare.py",
-        "mfm/data.py",
-    output:
-        directory("data/prepared"),
-        "metrics/prepare.json",
-    log:
-        "logs/prepare.log",
-    conda:
-        "../envs/mfm.yaml"
-    params:
-        data={
-            key: config["data"][key]
-            for key in ("dataset", "root", "download", "train_limit", "test_limit")
-        },
-        runtime={"seed": config["runtime"]["seed"]},
-    shell:
-        "python -m mfm prepare 2> {log}"
+# pretrain: MFM (or a restoration pretext) on the prepared training images.
 
 
 rule pretrain:

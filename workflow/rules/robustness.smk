@@ -1,26 +1,4 @@
-# corrupt -> robustness. The corrupted test set is built once, independent of any model;
-# one robustness job scores every classifier so each is evaluated once.
-
-
-rule corrupt:
-    input:
-        "data/prepared",
-        "mfm/corrupt.py",
-    output:
-        directory("data/corrupted"),
-        "metrics/corrupt.json",
-    log:
-        "logs/corrupt.log",
-    conda:
-        "../envs/mfm.yaml"
-    params:
-        robustness={
-            key: config["robustness"][key]
-            for key in ("num_images", "corruptions", "severities")
-        },
-        runtime={key: config["runtime"][key] for key in ("seed", "workers")},
-    shell:
-        "python -m mfm corrupt 2> {log}"
+# robustness: one job scores every classifier on the corrupted set, so each is evaluated once.
 
 
 rule robustness:

@@ -75,7 +75,6 @@ rule study_finetune:
         "mfm/data.py",
     output:
         "results/study/{pretext}/finetune/mfm/classifier.pt",
-        "results/study/{pretext}/finetune/mfm/best.pt",
         "results/study/{pretext}/metrics/finetune_mfm.json",
         directory("results/study/{pretext}/finetune/mfm/live/plots/metrics"),
         "results/study/{pretext}/finetune/mfm/predictions.csv",

@@ -1,32 +1,5 @@
-# linprobe and finetune. finetune runs once per init (the wildcard), the DVC matrix's
-# twin: the same recipe from the MFM encoder and from scratch.
-
-INITS = ["mfm", "scratch"]
-
-
-wildcard_constraints:
-    init="|".join(INITS),
-
-
-rule linprobe:
-    input:
-        "data/prepared",
-        "results/pretrain/encoder.pt",
-        "mfm/linprobe.py",
-        "mfm/models.py",
-        "mfm/data.py",
-    output:
-        "metrics/linprobe.json",
-    log:
-        "logs/linprobe.log",
-    conda:
-        "../envs/mfm.yaml"
-    params:
-        data={"img_size": config["data"]["img_size"]},
-        linprobe=config["linprobe"],
-        runtime=config["runtime"],
-    shell:
-        "python -m mfm linprobe 2> {log}"
+# finetune runs once per init (the wildcard), the DVC matrix's twin: the same recipe from the
+# MFM encoder and from scratch.
 
 
 rule finetune:
@@ -40,7 +13,6 @@ rule finetune:
         "mfm/data.py",
     output:
         "results/finetune/{init}/classifier.pt",
-        "results/finetune/{init}/best.pt",
         "metrics/finetune_{init}.json",
         directory("results/finetune/{init}/live/plots/metrics"),
         "results/finetune/{init}/predictions.csv",

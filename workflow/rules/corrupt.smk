@@ -1,0 +1,22 @@
+# corrupt: the corrupted test set, built once and independent of any model.
+
+
+rule corrupt:
+    input:
+        "data/prepared",
+        "mfm/corrupt.py",
+    output:
+        directory("data/corrupted"),
+        "metrics/corrupt.json",
+    log:
+        "logs/corrupt.log",
+    conda:
+        "../envs/mfm.yaml"
+    params:
+        robustness={
+            key: config["robustness"][key]
+            for key in ("num_images", "corruptions", "severities")
+        },
+        runtime={key: config["runtime"][key] for key in ("seed", "workers")},
+    shell:
+        "python -m mfm corrupt 2> {log}"

@@ -1,0 +1,24 @@
+# prepare: the data set, from wherever it lives, into data/prepared. `params:` carries every
+# key a stage reads, so a changed value reruns the rule; `input:` lists the code it runs (the
+# import closure of mfm/prepare.py, as dvc.yaml's deps; tests/test_code_deps.py checks both).
+
+
+rule prepare:
+    input:
+        "mfm/prepare.py",
+        "mfm/data.py",
+    output:
+        directory("data/prepared"),
+        "metrics/prepare.json",
+    log:
+        "logs/prepare.log",
+    conda:
+        "../envs/mfm.yaml"
+    params:
+        data={
+            key: config["data"][key]
+            for key in ("dataset", "root", "download", "train_limit", "test_limit")
+        },
+        runtime={"seed": config["runtime"]["seed"]},
+    shell:
+        "python -m mfm prepare 2> {log}"
