@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_arguments(bench)
     bench.add_argument("--batch-size", type=int, default=None, help="default: pretrain's")
     bench.add_argument("--steps", type=int, default=10, help="timed steps")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 2)")
     bench.add_argument("--channels", type=int, default=3, help="image channels")
     bench.add_argument(
         "--amp",
@@ -151,7 +151,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     """The throughput benchmark: prints figures, writes no pipeline output."""
     import math
 
-    from mfm import bench
+    from mfm import throughput
 
     params = load_params(args.params, args.overrides)
     batch_size = params.pretrain.batch_size if args.batch_size is None else args.batch_size
@@ -160,7 +160,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     peak = args.peak_tflops
     if peak is not None and not (math.isfinite(peak) and peak > 0):
         raise UserError(f"bench: --peak-tflops must be a positive number, got {peak}")
-    return bench.run(
+    return throughput.run(
         params,
         batch_size,
         args.steps,

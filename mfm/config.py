@@ -155,7 +155,8 @@ class LinprobeParams(StrictModel):
     """Frozen-feature probes: logistic regression (C picked on held-out train) and k-NN."""
 
     pool: Literal["mean", "cls"] = Field(
-        "mean", description="ViT feature: mean of patch tokens or the cls token (CNNs: mean)."
+        "mean",
+        description="ViT feature: mean of patch tokens or cls token (CNN, Swin: own pooling).",
     )
     train_limit: int | None = Field(
         10000, ge=10, description="Seeded subset of training images to fit the probes on."

@@ -1,10 +1,8 @@
 """The ``corrupt`` stage: an ImageNet-C-style copy of the prepared test split (CIFAR-10-C layout).
 
-For each corruption the output folder holds ``<corruption>.npy`` of shape (S * N, H, W, C)
-uint8, the N test images repeated for every severity in ascending blocks of N, plus
-``labels.npy`` (N,) int64 and ``info.json``. Only ``arrays`` data sets are corrupted here;
-ImageNet is evaluated on the released ImageNet-C JPEGs (``robustness.imagenet_c``), which
-on-the-fly corruption does not reproduce.
+The output folder's layout, and reading it back, live in :mod:`mfm.corrupted_set`. Only
+``arrays`` data sets are corrupted here; ImageNet is evaluated on the released ImageNet-C
+JPEGs (``robustness.imagenet_c``), which on-the-fly corruption does not reproduce.
 
 Every image is corrupted under its own seed, derived from (runtime.seed, corruption,
 severity, image index), so any image can be rebuilt alone and the output is the same
@@ -20,7 +18,6 @@ an ``if __name__ == "__main__":`` guard (``python -m mfm corrupt`` has one).
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -38,18 +35,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from mfm.config import Params
+from mfm.corrupted_set import CLEAN_FILE, INFO_FILE, LABELS_FILE
 from mfm.errors import UserError
 from mfm.io import atomic_dir, write_json
-from mfm.paths import PREPARED_DIR
+from mfm.paths import CORRUPTED_DIR, PREPARED_DIR
 from mfm.robustness_metrics import IMAGENET_C_CORRUPTIONS, IMAGENET_C_EXTRAS
 
 log = logging.getLogger("mfm.corrupt")
-
-CORRUPTED_DIR = Path("data/corrupted")
-INFO_FILE = "info.json"
-LABELS_FILE = "labels.npy"
-CLEAN_FILE = "clean.npy"  # the uncorrupted images, so clean error uses the very same subset
-REBUILD_HINT = "run `dvc repro corrupt` (or python -m mfm corrupt)"
 
 # ImageNet-C's 15 mCE corruptions in the paper's order, then the 4 held-out extras.
 COMMON_CORRUPTIONS = IMAGENET_C_CORRUPTIONS
@@ -58,7 +50,6 @@ ALL_CORRUPTIONS = COMMON_CORRUPTIONS + EXTRA_CORRUPTIONS
 
 MIN_SIDE = 32  # imagecorruptions refuses smaller images
 CHUNK_IMAGES = 32  # images per work item: small enough to balance 2..64 workers
-SUBSET_STREAM = 2  # seeded stream of the test subset (prepare uses 0 and 1)
 SEED_MASK = (1 << 64) - 1  # negative runtime seeds map onto distinct non-negative ones
 
 Which = Literal["common", "all"]
@@ -303,7 +294,7 @@ def build(
 
 def _test_arrays(prepared_dir: Path, dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The prepared test split (memory-mapped), or None for image-folder data sets."""
-    from mfm.data import PREPARE_HINT, load_meta
+    from mfm.data.meta import PREPARE_HINT, load_meta
 
     meta = load_meta(prepared_dir, dataset)
     if meta.kind != "arrays":
@@ -323,9 +314,9 @@ def _subset(
     images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """A seeded subset of ``limit`` images (sorted indices), or all of them, in memory."""
-    from mfm.prepare import subset_indices
+    from mfm.data.subsets import CORRUPT_STREAM, subset_indices
 
-    keep = subset_indices(len(labels), limit, seed, SUBSET_STREAM)
+    keep = subset_indices(len(labels), limit, seed, CORRUPT_STREAM)
     if keep is None:
         return np.ascontiguousarray(images), labels
     return np.ascontiguousarray(images[keep]), labels[keep]
@@ -372,77 +363,3 @@ def run(
         "images_per_second": round(written / seconds, 2) if seconds > 0 else None,
         "workers": workers,
     }
-
-
-# --------------------------------------------------------------------------- reading back
-
-
-@dataclass(frozen=True)
-class CorruptedSet:
-    """The stage's output, read back: ``images(name, severity)`` is an (N, H, W, C) view."""
-
-    info: dict[str, Any]
-    labels: np.ndarray
-    clean: np.ndarray
-    arrays: dict[str, np.ndarray]
-
-    def images(self, name: str, severity: int) -> np.ndarray:
-        """The N images of one corruption at one severity (memory-mapped)."""
-        if name not in self.arrays or severity not in self.info["severities"]:
-            raise KeyError(f"no {name!r} at severity {severity} in this set")
-        block = self.info["severities"].index(severity)
-        num = self.info["num_images"]
-        return self.arrays[name][block * num : (block + 1) * num]
-
-    def items(self) -> Iterator[tuple[str, int, np.ndarray]]:
-        """Every (corruption, severity, images), corruptions in mCE order."""
-        for name in self.info["corruptions"]:
-            for severity in self.info["severities"]:
-                yield name, severity, self.images(name, severity)
-
-
-def _read_info(out_dir: Path) -> dict[str, Any]:
-    """``info.json`` with the keys a reader needs."""
-    path = out_dir / INFO_FILE
-    info = json.loads(path.read_text())
-    keys = ("corruptions", "severities", "num_images", "image_size", "channels")
-    if not isinstance(info, dict) or any(key not in info for key in keys):
-        raise ValueError(f"{path} lacks one of {keys}")
-    return info
-
-
-def _read_checked(path: Path, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Memory-map ``path`` and insist on the shape and dtype ``info.json`` promises."""
-    array = np.load(path, mmap_mode="r")
-    if array.shape != shape or array.dtype != dtype:
-        raise ValueError(f"{path.name} is {array.shape} {array.dtype}, expected {shape}")
-    return array
-
-
-def _read_set(out_dir: Path) -> CorruptedSet:
-    """Every file of the set, checked against ``info.json``."""
-    info = _read_info(out_dir)
-    num = info["num_images"]
-    shape = (len(info["severities"]) * num, *info["image_size"], info["channels"])
-    labels = _read_checked(out_dir / LABELS_FILE, (num,), np.int64)
-    clean = _read_checked(
-        out_dir / CLEAN_FILE, (num, *info["image_size"], info["channels"]), np.uint8
-    )
-    arrays = {
-        name: _read_checked(out_dir / f"{name}.npy", shape, np.uint8)
-        for name in info["corruptions"]
-    }
-    return CorruptedSet(info, np.asarray(labels), clean, arrays)
-
-
-def load_corrupted(out_dir: str | Path = CORRUPTED_DIR) -> CorruptedSet:
-    """The corrupted test set, or a ``UserError`` saying how to rebuild a missing/damaged one."""
-    out_dir = Path(out_dir)
-    if not (out_dir / INFO_FILE).is_file():
-        raise UserError(f"{out_dir / INFO_FILE} not found; {REBUILD_HINT} first")
-    try:
-        return _read_set(out_dir)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UserError(
-            f"{out_dir} is damaged ({err.__class__.__name__}: {err}); {REBUILD_HINT} again"
-        ) from None

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Sampler
 
 from mfm.errors import UserError
 
@@ -113,43 +111,3 @@ def broadcast(obj: Any, here: World) -> Any:
 def barrier(here: World) -> None:
     if here.distributed:
         dist.barrier()
-
-
-class GlobalBatchShard(Sampler[int]):
-    """This rank's slice of each global batch of a seeded shuffle.
-
-    Step k of a run with N ranks sees exactly the images step k of a one-process run sees
-    (same ``seed + epoch`` permutation, same global batches), split into N contiguous
-    parts, so N processes and one process train on the same data in the same order.
-    """
-
-    def __init__(
-        self,
-        length: int,
-        global_batch: int,
-        here: World,
-        seed: int,
-        shuffle: bool = True,
-        start_batch: int = 0,
-    ) -> None:
-        self.length, self.global_batch, self.here = length, global_batch, here
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
-        self.local = global_batch // here.size
-        self.start_batch = start_batch  # resume inside an epoch: skip the batches done
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return max(0, self.length // self.global_batch - self.start_batch) * self.local
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=generator).tolist()
-        else:
-            order = list(range(self.length))
-        start = self.here.rank * self.local
-        begin = self.start_batch * self.global_batch
-        for first in range(begin, self.length - self.global_batch + 1, self.global_batch):
-            yield from order[first + start : first + start + self.local]

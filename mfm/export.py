@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,20 @@ from torch import nn
 
 import mfm
 from mfm.config import Params
-from mfm.data import DatasetMeta, device_augment, image_dataset, load_meta, normalizer
+from mfm.data.augment import device_augment, normalizer
+from mfm.data.datasets import EVAL_CROP_RATIO, image_dataset
+from mfm.data.meta import DatasetMeta, load_meta
 from mfm.errors import UserError
 from mfm.io import atomic_path
 from mfm.models import fixed_input_size, load_classifier
 from mfm.paths import EXPORT_DIR, FINETUNE_DIR, PREPARED_DIR
 from mfm.predict import EXPORT_HINT, OnnxClassifier
+from mfm.timing import mean_seconds
 
 log = logging.getLogger("mfm.export")
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-EVAL_CROP_RATIO = 0.875
 LATENCY_BATCHES = (1, 64)
 MAX_SIDE = 4096
 
@@ -138,29 +139,20 @@ def parity(expected: np.ndarray, actual: np.ndarray, labels: torch.Tensor) -> di
     }
 
 
-def _median_ms(call: Any, repeats: int) -> float:
-    call()  # warm-up: allocations, onnxruntime's first-run graph work
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(1000 * np.median(times))
-
-
 def latency(
     model: nn.Module, classifier: OnnxClassifier, inputs: torch.Tensor, repeats: int
 ) -> dict[str, float]:
-    """Median CPU milliseconds per call, torch vs onnxruntime, at batch 1 and 64."""
+    """Mean CPU milliseconds per call over ``repeats`` calls, after the warm-up calls that
+    absorb allocations and onnxruntime's first-run graph work: torch vs onnxruntime, at
+    batch 1 and 64."""
     result = {}
     for batch in LATENCY_BATCHES:
         x = inputs[torch.arange(batch) % len(inputs)].contiguous()
         with torch.inference_mode():
-            result[f"torch_b{batch}_ms"] = _median_ms(lambda x=x: model(x), repeats)
+            result[f"torch_b{batch}_ms"] = 1000 * mean_seconds(lambda x=x: model(x), repeats, 1)
         array = x.numpy()
-        result[f"onnxruntime_b{batch}_ms"] = _median_ms(
-            lambda a=array: classifier.logits(a), repeats
-        )
+        seconds = mean_seconds(lambda a=array: classifier.logits(a), repeats, 1)
+        result[f"onnxruntime_b{batch}_ms"] = 1000 * seconds
     return result
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mfm.io import atomic_path  # noqa: E402
@@ -76,3 +79,35 @@ def text_figure(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def error_heatmap(errors: Mapping[str, Mapping[int, float]], path: str | Path, title: str) -> None:
+    """PNG of error % per corruption (rows) and severity (columns), so weak spots stand out;
+    ``errors[corruption][severity]`` are fractions, as ``mfm.robustness_metrics`` takes them."""
+    names = list(errors)
+    severities = sorted({s for by_severity in errors.values() for s in by_severity})
+    table = np.full((len(names), len(severities)), np.nan)
+    for row, name in enumerate(names):
+        for col, severity in enumerate(severities):
+            if severity in errors[name]:
+                table[row, col] = 100.0 * errors[name][severity]
+    fig, axis = plt.subplots(figsize=(1.2 + 0.9 * len(severities), 1.2 + 0.38 * len(names)))
+    image = axis.imshow(np.ma.masked_invalid(table), cmap="viridis", vmin=0, vmax=100)
+    _annotate(axis, table)
+    axis.set_xticks(range(len(severities)), [str(s) for s in severities])
+    axis.set_yticks(range(len(names)), names)
+    axis.set_xlabel("severity")
+    axis.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=axis, label="error %")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _annotate(axis: Any, table: np.ndarray) -> None:
+    """Write each cell's value, dark on the bright (high-error) end of the colour map."""
+    for (row, col), value in np.ndenumerate(table):
+        if np.isfinite(value):
+            colour = "black" if value > 60 else "white"
+            axis.text(col, row, f"{value:.1f}", ha="center", va="center", color=colour, fontsize=8)

@@ -3,8 +3,8 @@
 timm does the recipe: layer-wise lr decay through ``create_optimizer_v2``, drop path,
 RandAugment, random erasing, Mixup/CutMix with soft-target cross-entropy, label smoothing.
 The shared loop does the rest (schedule, AMP, checkpoints, resume, dvclive). Every epoch is
-scored on the test split; the last epoch's classifier is the output (picking the best epoch
-on the test set would flatter the number), the best one is kept beside it.
+scored on the test split for the curves only: the last epoch's classifier and scores are the
+result, since picking an epoch on the test set would flatter the number.
 """
 
 from __future__ import annotations
@@ -21,24 +21,19 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import Dataset
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
 from mfm.config import INITS, FinetuneParams, Params
-from mfm.data import (
-    DatasetMeta,
-    device_augment,
-    image_dataset,
-    load_meta,
-    make_loader,
-    normalizer,
-    training_loader,
-)
+from mfm.data.augment import device_augment, normalizer
+from mfm.data.datasets import image_dataset
+from mfm.data.loaders import training_loader
+from mfm.data.meta import DatasetMeta, load_meta
 from mfm.device import resolve_device
 from mfm.distributed import World, barrier, broadcast, setup, teardown, wrap
 from mfm.engine import TrainLoop, stage_loop_config
 from mfm.errors import UserError
+from mfm.evaluation import evaluate
 from mfm.io import atomic_path
 from mfm.models import (
     build_classifier,
@@ -97,37 +92,6 @@ def _criterion(cfg: FinetuneParams, mixing: bool) -> nn.Module:
     if cfg.label_smoothing > 0:
         return LabelSmoothingCrossEntropy(cfg.label_smoothing)
     return nn.CrossEntropyLoss()
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    dataset: Dataset,
-    meta: DatasetMeta,
-    img_size: int,
-    batch_size: int,
-    device: torch.device,
-    workers: int = 0,
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Top-1/top-5 (percent) and mean cross-entropy; also the labels and predictions."""
-    prepare = nn.Sequential(device_augment(meta, img_size, train=False), normalizer(meta))
-    prepare = prepare.to(device)
-    model.eval()
-    k = min(5, meta.num_classes)
-    loss_sum, top1, topk, labels_all, preds_all = 0.0, 0, 0, [], []
-    loader = make_loader(dataset, batch_size, False, 0, workers, drop_last=False)
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(prepare(images)).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        best = logits.topk(k, dim=1).indices
-        top1 += (best[:, 0] == labels).sum().item()
-        topk += (best == labels[:, None]).any(dim=1).sum().item()
-        labels_all.append(labels.cpu().numpy())
-        preds_all.append(best[:, 0].cpu().numpy())
-    count = max(1, len(dataset))
-    scores = {"top1": 100 * top1 / count, f"top{k}": 100 * topk / count, "loss": loss_sum / count}
-    return scores, np.concatenate(labels_all), np.concatenate(preds_all)
 
 
 def write_predictions(
@@ -249,9 +213,6 @@ def _train(
             scores, labels, preds = evaluate(
                 model, test_set, meta, img_size, 256, device, runtime.workers
             )
-            earlier = [h["test_top1"] for h in loop.history]  # includes epochs before a resume
-            if not earlier or scores["top1"] > max(earlier):
-                save_classifier(model, spec, info, out_dir / "best.pt")
             last.update(labels=labels, preds=preds)
         last["scores"] = scores = broadcast(scores, here)
         return {f"test_{name}": value for name, value in scores.items()}
@@ -281,13 +242,10 @@ def _train(
         save_classifier(model, spec, info, out_dir / "classifier.pt")
         write_predictions(out_dir / "predictions.csv", last["labels"], last["preds"], meta.classes)
     barrier(here)
-    best_epoch = max(result.history, key=lambda h: h["test_top1"])
     return {
         "init": init,
         "epochs": cfg.epochs,
         **last["scores"],
-        "best_top1": best_epoch["test_top1"],
-        "best_epoch": int(best_epoch["epoch"]),
         "train_loss": result.last_loss,
         "images_per_second": result.images_per_second,
         "resumed_from_epoch": result.resumed_from,

@@ -20,7 +20,7 @@ from torch import Tensor
 from mfm.config import DeblurParams, DenoiseParams, MaskParams, PretrainParams, SRParams
 
 RadiusUnit = Literal["bins", "fraction"]
-_SPATIAL = (-2, -1)
+SPATIAL_DIMS = (-2, -1)  # the (H, W) axes every FFT, shift and mask here works on
 
 
 def _squared_threshold(radius: float | Tensor) -> Tensor:
@@ -70,7 +70,7 @@ def filter_spectrum(x: Tensor, mask: Tensor) -> Tensor:
     """
     height, width = x.shape[-2:]
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    half_mask = torch.fft.ifftshift(mask, dim=_SPATIAL)[..., : width // 2 + 1]
+    half_mask = torch.fft.ifftshift(mask, dim=SPATIAL_DIMS)[..., : width // 2 + 1]
     filtered = torch.fft.irfft2(torch.fft.rfft2(xf) * half_mask, s=(height, width))
     return filtered.to(x.dtype)
 

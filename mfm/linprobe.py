@@ -1,10 +1,11 @@
 """The linprobe stage: are the pretrained encoder's frozen features better than random ones?
 
-Both the pretrained encoder and a randomly initialised one of the same architecture (the
-init the scratch baseline starts from) embed a seeded subset of the training images and the
-whole test split once; two probes then score those features: a logistic regression whose C
-is picked on held-out training images, and the weighted k-NN used in SSL papers. The
-difference between the two encoders is what pretraining bought.
+Both the pretrained encoder and a fresh init of the same architecture (seeded with
+runtime.seed) embed a seeded subset of the training images and the whole test split once;
+two probes then score those features: a logistic regression whose C is picked on held-out
+training images, and the weighted k-NN used in SSL papers. The difference between the two
+encoders is what pretraining bought. Features are what the model's own timm head pools; for
+the ViT family ``linprobe.pool`` picks timm's pool type (mean: 'avg', cls: 'token').
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from mfm.config import LinprobeParams, Params
-from mfm.data import DatasetMeta, device_augment, image_dataset, load_meta, make_loader, normalizer
+from mfm.data.augment import device_augment, normalizer
+from mfm.data.datasets import image_dataset
+from mfm.data.loaders import make_loader
+from mfm.data.meta import DatasetMeta, load_meta
 from mfm.device import resolve_device
 from mfm.errors import UserError
-from mfm.models import Encoder, encoder_from_spec, load_encoder
+from mfm.models import Encoder, encoder_from_spec, load_encoder, token_pooling
 from mfm.paths import PREPARED_DIR, PRETRAIN_DIR
 
 log = logging.getLogger("mfm.linprobe")
@@ -37,36 +41,24 @@ RERUN_PRETRAIN = "rerun the pretrain stage (dvc repro pretrain) for the current 
 # --------------------------------------------------------------------------- features
 
 
-def _post_pool_norm(encoder: Encoder) -> nn.Module:
-    """timm's ``fc_norm``: ViTs built for pooled heads normalise after pooling, not before."""
-    norm = getattr(encoder.backbone, "fc_norm", None)
-    return norm if isinstance(norm, nn.Module) else nn.Identity()
+TIMM_POOL = {"mean": "avg", "cls": "token"}
 
 
-def _has_cls_token(encoder: Encoder) -> bool:
-    """Token 0 is a class token only when the model has one (not a register token)."""
-    if encoder.num_prefix_tokens == 0:
-        return False
-    return getattr(encoder.backbone, "cls_token", "unknown") is not None
-
-
-def pool_features(encoder: Encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """One (B, D) vector per image: pooled patch tokens or the cls token (ViT), mean map (CNN)."""
-    features = encoder.forward_features(images)
-    if not encoder.is_vit:
-        return features.mean(dim=(-2, -1))
-    if pool == "cls":
-        if not _has_cls_token(encoder):
-            raise UserError(
-                f"linprobe.pool = 'cls' but {encoder.spec['name']} has no class token; "
-                "set linprobe.pool: mean"
-            )
-        pooled = features[:, 0]
-    elif pool == "mean":
-        pooled = features[:, encoder.num_prefix_tokens :].mean(dim=1)
-    else:
+def select_pool(encoder: Encoder, pool: str) -> None:
+    """Point a ViT-family head at ``pool``: timm's 'avg' over the patch tokens or 'token',
+    each followed by the model's ``fc_norm``. CNNs and Swin have no tokens to choose from and
+    keep their own pooling."""
+    backbone = encoder.backbone
+    if not token_pooling(backbone):
+        return
+    if pool not in TIMM_POOL:
         raise ValueError(f"pool must be 'mean' or 'cls', not {pool!r}")
-    return _post_pool_norm(encoder)(pooled)
+    if pool == "cls" and getattr(backbone, "cls_token", None) is None:
+        raise UserError(
+            f"linprobe.pool = 'cls' but {encoder.spec['name']} has no class token; "
+            "set linprobe.pool: mean"
+        )
+    backbone.reset_classifier(0, TIMM_POOL[pool])
 
 
 def extract_features(
@@ -81,13 +73,14 @@ def extract_features(
     desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frozen features (N, D) float32 and labels (N,) int64 of ``dataset``, in its order."""
+    select_pool(encoder, pool)
     encoder = encoder.to(device).eval()  # outside inference mode: weights stay normal tensors
     prepare = nn.Sequential(device_augment(meta, img_size, train=False), normalizer(meta))
     loader = make_loader(
         dataset, batch_size, shuffle=False, seed=0, workers=workers, drop_last=False
     )
     batches = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
-    return _embed(encoder, prepare.to(device), batches, pool, device)
+    return _embed(encoder, prepare.to(device), batches, device)
 
 
 @torch.inference_mode()
@@ -95,13 +88,12 @@ def _embed(
     encoder: Encoder,
     prepare: nn.Module,
     batches: Any,
-    pool: str,
     device: torch.device | str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features of every (uint8 images, labels) batch, gathered on the CPU."""
     features, labels = [], []
     for images, targets in batches:
-        pooled = pool_features(encoder, prepare(images.to(device, non_blocking=True)), pool)
+        pooled = encoder.pooled_features(prepare(images.to(device, non_blocking=True)))
         features.append(pooled.float().cpu().numpy())
         labels.append(np.asarray(targets, dtype=np.int64))
     if not features:
@@ -342,7 +334,7 @@ def run(
     meta = load_meta(prepared_dir, params.data.dataset)
     pretrained = load_encoder(pretrain_dir / ENCODER_FILE)
     _check_encoder_fits(pretrained, meta, img_size)
-    torch.manual_seed(seed)  # the very init the scratch baseline starts from
+    torch.manual_seed(seed)  # a fresh init of the same architecture, seeded with runtime.seed
     random_init = encoder_from_spec(pretrained.spec)
 
     full_train = image_dataset(prepared_dir, "train", img_size, train=False)

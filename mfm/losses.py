@@ -6,8 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mfm.config import LossParams
-
-_SPATIAL = (-2, -1)
+from mfm.frequency import SPATIAL_DIMS
 
 
 def spectrum_difference(pred: Tensor, target: Tensor) -> Tensor:
@@ -72,7 +71,9 @@ class FrequencyLoss(nn.Module):
             weight = distance.detach() ** self.alpha
             if self.log_weight:
                 weight = torch.log1p(weight)
-            peak = weight.max() if self.batch_weight else weight.amax(dim=_SPATIAL, keepdim=True)
+            peak = (
+                weight.max() if self.batch_weight else weight.amax(dim=SPATIAL_DIMS, keepdim=True)
+            )
             weight = torch.nan_to_num(weight / peak, nan=0.0)
             return weight.clamp(0.0, 1.0)
 
@@ -84,7 +85,7 @@ class FrequencyLoss(nn.Module):
             loss = self.focal_weight(loss) * loss
         if mask is None:
             return loss.mean()
-        centred = torch.fft.ifftshift(_as_4d(mask).to(loss), dim=_SPATIAL)
+        centred = torch.fft.ifftshift(_as_4d(mask).to(loss), dim=SPATIAL_DIMS)
         hidden = (1.0 - centred).expand_as(loss)
         # Nothing hidden means a zero numerator: the clamp returns 0 and keeps the graph.
         return (loss * hidden).sum() / hidden.sum().clamp_min(1e-12)

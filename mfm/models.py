@@ -1,10 +1,12 @@
 """Encoders from timm, the MFM prediction head, and how encoders are saved and loaded.
 
-Any timm model works as an encoder. ViTs keep their own cls token and position embedding
-and see the whole (filtered) image: MFM has no mask tokens. CNNs on small images get a
-smaller ``output_stride`` (dilation) so their last feature map stays at least 4x4 instead
-of collapsing to 1x1. The head is the paper's: a 1x1 conv to ``stride**2 * C`` channels and
-a PixelShuffle back to image size, no decoder blocks.
+Any timm model works as an encoder: features come through timm's own API, so tokens (ViT),
+NCHW maps (CNNs) and NHWC maps (Swin) all reach the head as one NCHW map. ViTs keep their
+own cls token and position embedding and see the whole (filtered) image: MFM has no mask
+tokens. Models that take an ``output_stride`` (dilated CNNs) get a smaller one on small
+images so their last feature map stays at least 4x4 instead of collapsing to 1x1. The head
+is the paper's: a 1x1 conv to ``stride**2 * C`` channels and a PixelShuffle back to image
+size, no decoder blocks.
 """
 
 from __future__ import annotations
@@ -29,8 +31,16 @@ def fixed_input_size(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed")
 
 
+def token_pooling(model: nn.Module) -> bool:
+    """Whether ``model`` pools a token sequence by a named pool type that ``reset_classifier``
+    switches (the ViT family: 'avg' over the patch tokens, 'token' for the class token); CNNs
+    and Swin pool their maps their own way."""
+    has_tokens = hasattr(model, "num_prefix_tokens")
+    return has_tokens and isinstance(getattr(model, "global_pool", None), str)
+
+
 class Encoder(nn.Module):
-    """A timm backbone with one uniform API: ``forward_features`` and ``feature_map``.
+    """A timm backbone seen through timm's feature API, whatever layout its features have.
 
     ``spec`` is a plain dict that rebuilds the same architecture, stored next to the weights
     so a checkpoint loads with ``weights_only=True`` and no pickled objects.
@@ -40,31 +50,29 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
-        self.is_vit = fixed_input_size(backbone)
+        self.is_vit = fixed_input_size(backbone)  # a patch-embedding model (ViT, Swin)
         self.num_features = int(backbone.num_features)
-        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         self.stride = int(backbone.feature_info[-1]["reduction"])
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's own ``forward_features`` (tokens for ViTs, a map for CNNs)."""
-        return self.backbone.forward_features(x)
-
-    def tokens_to_map(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Drop the prefix tokens and fold the patch tokens of an HxW input into a grid."""
-        patches = tokens[:, self.num_prefix_tokens :]
-        grid = (height // self.stride, width // self.stride)
-        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
-
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The last feature map, (B, D, H / stride, W / stride), for ViTs and CNNs alike."""
-        features = self.forward_features(x)
-        if not self.is_vit:
-            return features
-        return self.tokens_to_map(features, x.shape[-2], x.shape[-1])
+        """The last stage, normed as ``forward_features`` returns it, as (B, D, H / stride,
+        W / stride): timm drops prefix tokens and folds tokens or NHWC maps into NCHW."""
+        return self.backbone.forward_intermediates(
+            x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+        )[-1]
+
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """One (B, D) vector per image: what the model's own head would classify."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
 
 class PixelShuffleHead(nn.Module):
-    """1x1 conv to ``stride**2 * out_chans`` channels, then PixelShuffle to full resolution."""
+    """1x1 conv to ``stride**2 * out_chans`` channels, then PixelShuffle to full resolution.
+
+    The conv reads a channels-last map: a 1x1 conv is one matmul over channels per position,
+    and channels-last is the layout ViT tokens fold into, so the float rounding (and with it
+    a ViT's pretraining) does not depend on how the map was produced.
+    """
 
     def __init__(self, in_features: int, stride: int, out_chans: int) -> None:
         super().__init__()
@@ -72,7 +80,7 @@ class PixelShuffleHead(nn.Module):
         self.shuffle = nn.PixelShuffle(stride)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return self.shuffle(self.proj(feature_map))
+        return self.shuffle(self.proj(feature_map.contiguous(memory_format=torch.channels_last)))
 
 
 class MFMModel(nn.Module):
@@ -136,12 +144,24 @@ def build_encoder(model: ModelParams, img_size: int, in_chans: int) -> Encoder:
         if "img_size" not in str(err) and "patch_size" not in str(err):
             raise
         backbone = _create_backbone(spec)
-    if not fixed_input_size(backbone):
-        stride = int(backbone.feature_info[-1]["reduction"])
-        if img_size // stride < MIN_FEATURE_MAP:
-            spec["output_stride"] = _small_image_stride(img_size, stride)
-            backbone = _create_backbone(spec)
-    return Encoder(backbone, spec)
+    return Encoder(_dilate_for_small_images(backbone, spec, img_size), spec)
+
+
+def _dilate_for_small_images(backbone: nn.Module, spec: dict[str, Any], img_size: int) -> nn.Module:
+    """The backbone rebuilt with a smaller ``output_stride`` (recorded in ``spec``) when its last
+    map would be under 4x4; models without that argument (ViTs, Swin, ...) stay as they are."""
+    stride = int(backbone.feature_info[-1]["reduction"])
+    if img_size // stride >= MIN_FEATURE_MAP:
+        return backbone
+    output_stride = _small_image_stride(img_size, stride)
+    try:
+        dilated = _create_backbone({**spec, "output_stride": output_stride})
+    except UserError as err:
+        if "output_stride" not in str(err):
+            raise
+        return backbone
+    spec["output_stride"] = output_stride
+    return dilated
 
 
 def _small_image_stride(img_size: int, stride: int) -> int:

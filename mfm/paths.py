@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PREPARED_DIR = Path("data/prepared")
+CORRUPTED_DIR = Path("data/corrupted")
 PRETRAIN_DIR = Path("results/pretrain")
 FINETUNE_DIR = Path("results/finetune")
 ROBUSTNESS_DIR = Path("results/robustness")

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from mfm.data.files import IMAGE_EXTENSIONS, is_hidden, is_image_file  # torch-free, like this
 from mfm.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 # The deployment contract between ``mfm export`` (writer) and this module (reader).
 METADATA_KEYS = ("input_name", "img_size", "channels", "mean", "std", "classes", "resize")
 RESIZE_MODES = ("square", "center_crop")  # arrays: whole image resized; folders: crop
@@ -87,26 +87,65 @@ class OnnxClassifier:
 
     def preprocess(self, image: Any) -> np.ndarray:
         """A PIL image -> normalised float32 (C, size, size), as the pipeline tests images."""
-        from PIL import Image
-
         prep, size = self.prep, self.prep.img_size
         image = image.convert("L" if prep.channels == 1 else "RGB")
         if prep.resize == "square":
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        else:  # shorter side to size / crop_ratio, then the central size x size
-            short = int(size / prep.crop_ratio)
-            width, height = image.size  # torchvision's Resize(int) rounding
-            if width <= height:
-                new = (short, int(short * height / width))
-            else:
-                new = (int(short * width / height), short)
-            image = image.resize(new, Image.Resampling.BICUBIC)
-            left = int(round((new[0] - size) / 2.0))
-            top = int(round((new[1] - size) / 2.0))
-            image = image.crop((left, top, left + size, top + size))
-        pixels = np.asarray(image, dtype=np.float32) / 255.0
+            pixels = _resize_square(image, size)
+        else:
+            pixels = np.asarray(_resize_center_crop(image, size, prep.crop_ratio), np.float32)
+            pixels = pixels / 255.0
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         return (pixels - prep.mean[:, None, None]) / prep.std[:, None, None]
+
+
+def _resize_square(image: Any, size: int) -> np.ndarray:
+    """The whole image to (size, size[, C]) float32 in [0, 1], as array data sets are tested:
+    bicubic with antialiasing on floats, then clamped (``mfm.data.augment.ResizeSquare``).
+
+    Each channel is resized as a float ("F") image: resizing the uint8 image instead rounds
+    and clips between Pillow's two passes, which moves sharp edges by up to ~16 grey levels.
+    """
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    planes = pixels[..., None] if pixels.ndim == 2 else pixels
+    resized = []
+    for channel in np.moveaxis(planes, -1, 0):
+        plane = Image.fromarray(np.ascontiguousarray(channel))  # mode "F"
+        resized.append(np.asarray(plane.resize((size, size), Image.Resampling.BICUBIC)))
+    out = np.clip(np.stack(resized, axis=-1), 0.0, 1.0)
+    return out[..., 0] if pixels.ndim == 2 else out
+
+
+def _resize_center_crop(image: Any, size: int, crop_ratio: float) -> Any:
+    """Shorter side to ``size / crop_ratio`` (bicubic, on uint8 like the loader's PIL
+    transform), then the central ``size`` x ``size``, as image folders are tested."""
+    from PIL import Image
+
+    short = int(size / crop_ratio)
+    width, height = image.size  # torchvision's Resize(int) rounding
+    if width <= height:
+        new = (short, int(short * height / width))
+    else:
+        new = (int(short * width / height), short)
+    image = image.resize(new, Image.Resampling.BICUBIC)
+    left = int(round((new[0] - size) / 2.0))
+    top = int(round((new[1] - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files anywhere under ``folder``, sorted, by the pipeline's rule (hidden entries,
+    and whatever lies in hidden folders, are left out)."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if is_image_file(path.name)
+        and not any(map(is_hidden, path.relative_to(folder).parts))
+        and path.is_file()
+    )
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -114,13 +153,14 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += _images_under(item)
         elif item.is_file():
             found.append(item)
         else:
             raise UserError(f"{item} does not exist; name image files or folders of images")
     if not found:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(inputs)}")
+        suffixes = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise UserError(f"no images ({suffixes}) under {', '.join(map(str, inputs))}")
     return found
 
 

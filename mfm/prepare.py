@@ -11,33 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mfm.config import Params
-from mfm.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ArrayData,
-    DatasetMeta,
-    ManifestData,
-    SourceData,
-    check_images,
-    load_source,
-    write_prepared,
-)
+from mfm.data.meta import DatasetMeta
+from mfm.data.prepared import write_prepared
+from mfm.data.sources import load_source
+from mfm.data.sources.common import ArrayData, ManifestData, SourceData
+from mfm.data.sources.imagefolder import check_images
+from mfm.data.subsets import TEST_STREAM, TRAIN_STREAM, subset_indices
 from mfm.errors import UserError
 from mfm.io import atomic_dir
 from mfm.paths import PREPARED_DIR
 
 STATS_CHUNK = 4096  # images per chunk when computing mean/std (bounds memory on CIFAR)
-TRAIN_STREAM, TEST_STREAM = 0, 1  # separate seeded streams: one limit never moves the other
-
-
-def subset_indices(n: int, limit: int | None, seed: int, stream: int) -> np.ndarray | None:
-    """Sorted seeded random indices of ``limit`` of ``n`` items; None when nothing is dropped."""
-    if limit is None or limit >= n:
-        return None
-    rng = np.random.default_rng([seed, stream])
-    return np.sort(rng.choice(n, size=limit, replace=False))
 
 
 def apply_limits(data: SourceData, params: Params) -> SourceData:
@@ -113,8 +100,8 @@ def build_meta(data: SourceData, dataset: str) -> DatasetMeta:
 def _manifest_stats(data: ManifestData) -> tuple[list[float], list[float]]:
     """ImageNet's statistics for colour folders (reading 1M files for them is not worth it)."""
     if data.channels == 1:
-        return [float(np.mean(IMAGENET_MEAN))], [float(np.mean(IMAGENET_STD))]
-    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+        return [float(np.mean(IMAGENET_DEFAULT_MEAN))], [float(np.mean(IMAGENET_DEFAULT_STD))]
+    return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 
 def _check_not_empty(data: SourceData, dataset: str) -> None:

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 
 from mfm.config import Params
-from mfm.data import device_augment, image_dataset, load_meta, normalizer, training_loader
+from mfm.data.augment import device_augment, normalizer
+from mfm.data.datasets import image_dataset
+from mfm.data.loaders import training_loader
+from mfm.data.meta import load_meta
 from mfm.device import resolve_device
 from mfm.distributed import World, setup, teardown, wrap
 from mfm.engine import TrainLoop, stage_loop_config

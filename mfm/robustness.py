@@ -18,17 +18,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from mfm.benchmarks import evaluate_benchmarks
 from mfm.config import INITS, Params
-from mfm.corrupt import CORRUPTED_DIR, CorruptedSet, load_corrupted
-from mfm.data import DatasetMeta, load_meta
+from mfm.corrupted_set import CorruptedSet, load_corrupted
+from mfm.data.meta import DatasetMeta, load_meta
 from mfm.device import resolve_device
 from mfm.errors import UserError
-from mfm.figures import text_figure
-from mfm.finetune import evaluate
+from mfm.evaluation import evaluate
+from mfm.figures import error_heatmap, text_figure
+from mfm.imagenet_benchmarks import evaluate_benchmarks
 from mfm.models import load_classifier
-from mfm.paths import FINETUNE_DIR, PREPARED_DIR, ROBUSTNESS_DIR
-from mfm.robustness_metrics import IMAGENET_C_CORRUPTIONS, error_heatmap, robustness_report
+from mfm.paths import CORRUPTED_DIR, FINETUNE_DIR, PREPARED_DIR, ROBUSTNESS_DIR
+from mfm.robustness_metrics import IMAGENET_C_CORRUPTIONS, robustness_report
 
 log = logging.getLogger("mfm.robustness")
 

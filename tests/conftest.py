@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mfm.data
 from mfm.config import Params
+from mfm.data.sources import common, fashion_mnist
 
 IDX_NAMES = {
     "train_images": "train-images-idx3-ubyte",
@@ -65,35 +66,46 @@ def make_fashion() -> Callable[..., dict[str, np.ndarray]]:
 
 
 def _cifar_batch(rng: np.random.Generator, n: int, label_key: str, classes: int) -> dict:
-    """A batch as CIFAR's python pickles hold it: bytes keys, (n, 3072) uint8 rows."""
+    """A batch as torchvision unpickles CIFAR's files: str keys, (n, 3072) uint8 rows."""
     return {
-        b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-        label_key.encode(): [int(v) for v in rng.integers(0, classes, size=n)],
+        "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        label_key: [int(v) for v in rng.integers(0, classes, size=n)],
     }
 
 
+def _write_pickle(path: Path, entry: dict) -> list[str]:
+    """Pickle ``entry`` to ``path``; returns [file name, md5] as torchvision's lists hold them."""
+    path.write_bytes(pickle.dumps(entry))
+    return [path.name, hashlib.md5(path.read_bytes()).hexdigest()]
+
+
 @pytest.fixture
-def make_cifar() -> Callable[..., Path]:
-    """Write a tiny fake CIFAR-10 or CIFAR-100 python release under ``root``; returns its folder."""
+def make_cifar(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """Write a tiny fake CIFAR-10 or CIFAR-100 python release under ``root``; returns its folder.
+
+    torchvision's real class reads it: its md5 lists are set to the fake files' md5s.
+    """
+    import torchvision.datasets
 
     def build(root: Path, dataset: str = "cifar10", per_batch: int = 4) -> Path:
         rng = np.random.default_rng(0)
         if dataset == "cifar10":
-            folder, names = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)]
-            test, meta, label_key, names_key = "test_batch", "batches.meta", "labels", "label_names"
+            tv_class, label_key = torchvision.datasets.CIFAR10, "labels"
             classes = [f"class{i}" for i in range(10)]
         else:
-            folder, names = root / "cifar-100-python", ["train"]
-            test, meta, label_key, names_key = "test", "meta", "fine_labels", "fine_label_names"
+            tv_class, label_key = torchvision.datasets.CIFAR100, "fine_labels"
             classes = [f"fine{i}" for i in range(100)]
+        folder = root / tv_class.base_folder
         folder.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            batch = _cifar_batch(rng, per_batch, label_key, len(classes))
-            (folder / name).write_bytes(pickle.dumps(batch))
-        batch = _cifar_batch(rng, per_batch + 2, label_key, len(classes))
-        (folder / test).write_bytes(pickle.dumps(batch))
-        names_entry = {names_key.encode(): [c.encode() for c in classes]}
-        (folder / meta).write_bytes(pickle.dumps(names_entry))
+        for key, size in (("train_list", per_batch), ("test_list", per_batch + 2)):
+            written = [
+                _write_pickle(folder / name, _cifar_batch(rng, size, label_key, len(classes)))
+                for name, _ in getattr(tv_class, key)
+            ]
+            monkeypatch.setattr(tv_class, key, written)
+        meta = {tv_class.meta["key"]: classes}
+        _, md5 = _write_pickle(folder / tv_class.meta["filename"], meta)
+        monkeypatch.setattr(tv_class, "meta", {**tv_class.meta, "md5": md5})
         return folder
 
     return build
@@ -133,25 +145,31 @@ def make_image_tree() -> Callable[..., Path]:
 
 
 class _OfflineDataset:
-    """Stands in for torchvision's downloading datasets: the network is never reached."""
+    """Stands in for torchvision's FashionMNIST download: the network is never reached."""
 
     def __init__(self, root: str, *args: Any, download: bool = False, **kwargs: Any) -> None:
         raise RuntimeError("no network in tests")
 
 
+def _no_network(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("no network in tests")
+
+
 @pytest.fixture
 def offline_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the machine-wide data places at empty tmp folders and make downloads fail fast.
+    """Point the machine-wide data places at empty tmp folders and make downloads fail fast
+    (CIFAR's through torchvision's own class, whose download step is cut off).
 
     Returns the tmp folder standing in for ``data/raw``.
     """
     import torchvision.datasets
+    import torchvision.datasets.cifar
 
     raw = tmp_path / "raw"
-    monkeypatch.setattr(mfm.data, "RAW_DIR", raw)
-    monkeypatch.setattr(mfm.data, "DEBIAN_FASHION_MNIST", tmp_path / "debian-fashion-mnist")
-    for name in ("FashionMNIST", "CIFAR10", "CIFAR100"):
-        monkeypatch.setattr(torchvision.datasets, name, _OfflineDataset)
+    monkeypatch.setattr(common, "RAW_DIR", raw)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", tmp_path / "debian-fashion-mnist")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _OfflineDataset)
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", _no_network)
     return raw
 
 

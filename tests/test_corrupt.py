@@ -1,8 +1,11 @@
-"""The corrupt stage on tiny images: reproducibility, layout, small/grey images, errors, run()."""
+"""The corrupt stage on tiny images: reproducibility, layout, small/grey images, reading the set
+back, errors, run(), and the torch-free imports its workers rely on."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +13,12 @@ import pytest
 
 import mfm.corrupt
 from mfm.config import Params
-from mfm.corrupt import (
-    build,
-    corrupt_image,
-    corruption_names,
-    image_seed,
-    load_corrupted,
-    run,
-    seeded_numpy,
-)
-from mfm.data import DatasetMeta, save_meta
+from mfm.corrupt import build, corrupt_image, corruption_names, image_seed, run, seeded_numpy
+from mfm.corrupted_set import load_corrupted
+from mfm.data.meta import DatasetMeta, save_meta
+from mfm.data.subsets import CORRUPT_STREAM, subset_indices
 from mfm.errors import UserError
 from mfm.prepare import run as prepare
-from mfm.prepare import subset_indices
 
 NAMES = ["gaussian_noise", "glass_blur", "impulse_noise"]  # the last two self-seed
 SEVERITIES = [1, 3]
@@ -251,7 +247,17 @@ def test_run_on_digits(tmp_path, monkeypatch):
     assert data.info["severities"] == [1, 2]
     assert data.images("glass_blur", 2).shape == (8, 8, 8, 1)
     test_labels = np.load(tmp_path / "prepared" / "test_labels.npy")
-    keep = subset_indices(len(test_labels), 8, 0, mfm.corrupt.SUBSET_STREAM)
+    keep = subset_indices(len(test_labels), 8, 0, CORRUPT_STREAM)
     np.testing.assert_array_equal(data.labels, test_labels[keep])
     test_images = np.load(tmp_path / "prepared" / "test_images.npy")
     np.testing.assert_array_equal(data.clean, test_images[keep])
+
+
+def test_the_writer_and_the_reader_do_not_import_torch():
+    """Worker processes import mfm.corrupt, so it must start fast: torch stays out."""
+    script = (
+        "import sys, mfm.corrupt, mfm.corrupted_set\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,27 +1,30 @@
-"""The data layer: IDX parsing, meta, the two Dataset kinds, loader order, device augmentation."""
+"""The data layer: IDX parsing, meta, image files, the two Dataset kinds and their transforms,
+device augmentation."""
 
 from __future__ import annotations
 
 import gzip
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from PIL import Image
 
-from mfm.data import (
+from mfm.data.augment import device_augment, normalizer
+from mfm.data.datasets import (
+    EVAL_CROP_RATIO,
     ArrayImages,
-    DatasetMeta,
     ManifestImages,
-    device_augment,
     image_dataset,
-    load_meta,
-    make_loader,
-    normalizer,
-    read_idx,
+    image_transform,
 )
+from mfm.data.files import is_hidden, is_image_file
+from mfm.data.meta import DatasetMeta, load_meta
+from mfm.data.prepared import read_manifest
+from mfm.data.sources.fashion_mnist import read_idx
 from mfm.errors import UserError
 from mfm.prepare import run
 
@@ -138,8 +141,6 @@ def test_manifest_images_items(folder_dir, train):
 
 
 def test_manifest_images_grey(folder_dir):
-    from mfm.data import image_transform, read_manifest
-
     paths, labels = read_manifest(folder_dir / "test.csv")
     dataset = ManifestImages(paths, labels, image_transform(12, train=False), channels=1)
     assert dataset[0][0].shape == (1, 12, 12)
@@ -153,28 +154,63 @@ def test_manifest_corrupt_image_names_the_file(folder_dir, tmp_path):
         dataset[1]
 
 
-# --------------------------------------------------------------------------- loader
+@pytest.mark.parametrize(
+    ("name", "image"),
+    [
+        ("a.png", True),
+        ("b.JPEG", True),
+        ("dir/c.webp", True),
+        ("notes.txt", False),
+        (".DS_Store", False),
+        ("._a.jpg", False),  # a macOS resource fork, not a JPEG
+        (".ipynb_checkpoints", False),
+        ("dir/.hidden.png", False),
+    ],
+)
+def test_image_files_and_hidden_names(name, image):
+    assert is_image_file(name) is image
+    assert is_hidden(name) is Path(name).name.startswith(".")
 
 
-def _order(seed: int, epoch: int, workers: int = 0) -> list[int]:
-    dataset = TensorDataset(torch.arange(40))
-    loader = make_loader(
-        dataset, 8, shuffle=True, seed=seed, workers=workers, drop_last=False, epoch=epoch
-    )
-    return torch.cat([batch for (batch,) in loader]).tolist()
+def _photo(size: tuple[int, int], mode: str) -> Image.Image:
+    channels = (3,) if mode == "RGB" else ()
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], *channels), np.uint8)
+    return Image.fromarray(pixels, mode=mode)
 
 
-def test_make_loader_order_follows_seed_and_epoch():
-    assert _order(0, 0) == _order(0, 0)
-    assert _order(0, 3) == _order(0, 3)
-    assert _order(0, 0) != _order(0, 1)
-    assert sorted(_order(0, 1)) == list(range(40))
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_eval_transform_is_bicubic_resize_then_centre_crop(mode):
+    from torchvision.transforms import v2
+
+    image = _photo((50, 37), mode)
+    bicubic = v2.InterpolationMode.BICUBIC
+    expected = v2.Compose(
+        [v2.Resize(int(24 / EVAL_CROP_RATIO), interpolation=bicubic), v2.CenterCrop(24)]
+    )(image)
+    got = image_transform(24, train=False)(image)
+    assert got.dtype == torch.uint8 and got.shape == (len(mode), 24, 24)
+    assert torch.equal(got, v2.functional.pil_to_tensor(expected))
 
 
-def test_make_loader_drop_last_and_no_shuffle():
-    dataset = TensorDataset(torch.arange(10))
-    loader = make_loader(dataset, 4, shuffle=False, seed=0, workers=0, drop_last=True)
-    assert [batch.tolist() for (batch,) in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+def test_train_transform_is_a_bicubic_random_resized_crop_without_flip():
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import v2
+
+    transform = image_transform(16, train=True, crop_scale=(0.3, 0.9))
+    crop = transform.transforms[0]
+    assert len(transform.transforms) == 2  # the crop, then uint8 pil_to_tensor: nothing else
+    assert isinstance(crop, RandomResizedCropAndInterpolation)
+    assert (crop.size, crop.scale) == ((16, 16), (0.3, 0.9))
+    assert crop.interpolation == v2.InterpolationMode.BICUBIC
+    image = _photo((41, 29), "RGB")
+    for seed in range(5):
+        random.seed(seed)
+        top, left, height, width = crop.get_params(image, crop.scale, crop.ratio)
+        expected = v2.functional.resized_crop(
+            image, top, left, height, width, [16, 16], v2.InterpolationMode.BICUBIC
+        )
+        random.seed(seed)
+        assert torch.equal(transform(image), v2.functional.pil_to_tensor(expected))
 
 
 # --------------------------------------------------------------------------- device side
@@ -210,16 +246,6 @@ def test_normalizer_uses_meta_stats():
     meta = _meta("arrays", channels=3)
     out = normalizer(meta)(torch.full((2, 3, 4, 4), 0.75))
     assert torch.allclose(out, torch.ones_like(out))
-
-
-def test_make_loader_workers_match_in_process(digits_dir):
-    dataset = image_dataset(digits_dir, "train", img_size=8, train=True)
-    batches = [
-        list(make_loader(dataset, 16, shuffle=True, seed=5, workers=w, drop_last=False, epoch=2))
-        for w in (0, 2)
-    ]
-    for (x0, y0), (x2, y2) in zip(*batches, strict=True):
-        assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
 def test_load_meta_refuses_data_prepared_for_another_dataset(tmp_path: Path) -> None:

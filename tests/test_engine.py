@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from mfm.checkpoints import previous_checkpoint
-from mfm.data import training_loader
+from mfm.data.loaders import training_loader
 from mfm.device import resolve_device
 from mfm.engine import LoopConfig, TrainLoop
 from mfm.errors import Interrupted, UserError

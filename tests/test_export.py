@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,12 +19,14 @@ from PIL import Image
 import mfm.export
 from mfm.cli import main
 from mfm.config import Params
-from mfm.data import device_augment, image_transform, load_meta, normalizer
+from mfm.data.augment import device_augment, normalizer
+from mfm.data.datasets import ManifestImages, image_transform
+from mfm.data.meta import DatasetMeta, load_meta
 from mfm.errors import UserError
 from mfm.export import run
 from mfm.finetune import classifier_info
 from mfm.models import build_classifier, load_classifier, save_classifier
-from mfm.predict import METADATA_KEYS, OnnxClassifier, predict
+from mfm.predict import METADATA_KEYS, OnnxClassifier, Preprocessing, find_images, predict
 from mfm.prepare import run as prepare
 
 TINY_VIT = {
@@ -196,7 +199,7 @@ def test_predict_equals_the_torch_classifier(vit_export: tuple, tmp_path: Path) 
         assert [t["class"] for t in row["top"]] == [str(t["index"]) for t in row["top"]]
 
 
-def test_predict_writes_csv_and_resizes_like_onnx_input(vit_export: tuple, tmp_path: Path) -> None:
+def test_predict_writes_csv_of_the_pipelines_scores(vit_export: tuple, tmp_path: Path) -> None:
     _, root, _ = vit_export
     images = np.load(root / "data/prepared/test_images.npy")[:4]  # 8x8: resized to 16
     paths = _write_pngs(tmp_path / "imgs", images)
@@ -206,27 +209,92 @@ def test_predict_writes_csv_and_resizes_like_onnx_input(vit_export: tuple, tmp_p
     rows = list(csv.reader(out.open()))
     assert rows[0][:5] == ["path", "class_1", "prob_1", "class_2", "prob_2"]
     assert len(rows) == 5 and len(rows[1]) == 1 + 2 * 5
-    classifier = OnnxClassifier(model)
-    batch = np.stack([classifier.preprocess(Image.open(p)) for p in paths])
+    for row, probs in zip(rows[1:], _pipeline_probs(root, images), strict=True):
+        assert row[1] == str(int(probs.argmax()))
+        assert float(row[2]) == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def _pipeline_input(path: Path, prep: Preprocessing) -> np.ndarray:
+    """What the pipeline feeds the classifier for one image file at test time.
+
+    Image folders (``center_crop``) go through the loader's per-image transform; arrays
+    (``square``) are stored whole and resized on the device. Then the device step and the
+    normaliser, as in evaluation.
+    """
+    kind = "manifest" if prep.resize == "center_crop" else "arrays"
+    meta = DatasetMeta(
+        dataset="files",
+        kind=kind,
+        classes=prep.classes,
+        num_classes=len(prep.classes),
+        channels=prep.channels,
+        image_size=None,
+        mean=prep.mean.tolist(),
+        std=prep.std.tolist(),
+        num_train=0,
+        num_test=1,
+        source=str(path.parent),
+    )
+    if kind == "manifest":
+        transform = image_transform(IMG, train=False)
+        image = ManifestImages([str(path)], [0], transform, prep.channels)[0][0]
+    else:
+        with Image.open(path) as opened:
+            array = np.array(opened.convert("L" if prep.channels == 1 else "RGB"))
+        image = torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)
+    prepare = torch.nn.Sequential(device_augment(meta, IMG, train=False), normalizer(meta))
     with torch.no_grad():
-        probs = torch.softmax(_torch_model(root)(torch.from_numpy(batch)), 1).numpy()
-    for row, p in zip(rows[1:], probs, strict=True):
-        assert row[1] == str(int(p.argmax()))
-        assert float(row[2]) == pytest.approx(float(p.max()), abs=1e-5)
+        return prepare(image[None])[0].numpy()
 
 
-def test_center_crop_preprocessing_matches_the_pipeline(vit_export: tuple, tmp_path: Path) -> None:
-    """Folder datasets are tested with resize + centre crop; predict does the same."""
+def _photo(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
+    """An image file of ``size`` (W, H): noise over a ramp, so resampling errors show."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size[0])[None, :, None]
+    noise = rng.integers(-90, 90, size=(size[1], size[0], 3))
+    pixels = np.clip(ramp + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+
+
+@pytest.mark.parametrize("resize", ["square", "center_crop"])
+@pytest.mark.parametrize(
+    ("size", "mode", "suffix"),
+    [
+        ((8, 8), "L", ".png"),  # the digits' own size: up
+        ((5, 9), "RGB", ".png"),  # tall and tiny
+        ((40, 23), "L", ".jpg"),  # wide: down
+        ((19, 33), "RGB", ".jpg"),
+        ((61, 17), "RGB", ".bmp"),
+        ((16, 16), "L", ".webp"),  # already the model's size
+    ],
+)
+def test_predict_preprocesses_files_as_the_pipeline_tests_them(
+    vit_export: tuple,
+    tmp_path: Path,
+    resize: str,
+    size: tuple[int, int],
+    mode: str,
+    suffix: str,
+) -> None:
+    """The torch-free path against the pipeline's own test-time transform, per resize mode:
+    any drift between them (rounding, interpolation, crop box, statistics) fails here."""
     _, root, _ = vit_export
     classifier = OnnxClassifier(root / "results/export/model.onnx")
-    prep = classifier.prep
-    object.__setattr__(prep, "resize", "center_crop")
-    rng = np.random.default_rng(1)
-    for size in [(40, 23), (19, 33)]:
-        image = Image.fromarray(rng.integers(0, 256, size=size[::-1], dtype=np.uint8))
-        expected = image_transform(IMG, train=False)(image).float().numpy() / 255
-        expected = (expected - prep.mean[:, None, None]) / prep.std[:, None, None]
-        np.testing.assert_allclose(classifier.preprocess(image), expected, atol=1e-6)
+    channels = 1 if mode == "L" else 3
+    classifier.prep = dataclasses.replace(
+        classifier.prep,
+        channels=channels,
+        mean=np.asarray([0.4, 0.5, 0.6][:channels], dtype=np.float32),
+        std=np.asarray([0.2, 0.25, 0.3][:channels], dtype=np.float32),
+        resize=resize,
+    )
+    path = tmp_path / f"photo{suffix}"
+    _photo(path, size, mode, seed=size[0])
+    with Image.open(path) as image:
+        got = classifier.preprocess(image)
+    expected = _pipeline_input(path, classifier.prep)
+    assert got.shape == expected.shape == (channels, IMG, IMG) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_predict_never_imports_torch(vit_export: tuple, tmp_path: Path) -> None:
@@ -296,3 +364,11 @@ def test_predict_orders_rows_like_its_inputs(vit_export: tuple, tmp_path: Path) 
     assert [r["path"] for r in rows] == [str(p) for p in paths[::-1]]
     assert all(len(r["top"]) == 10 for r in rows)  # k capped at the class count
     assert all(sum(t["probability"] for t in r["top"]) == pytest.approx(1.0) for r in rows)
+
+
+def test_predict_finds_images_by_the_pipelines_rule(tmp_path: Path) -> None:
+    """Hidden files and folders (copying between machines leaves them) are never images."""
+    for name in ("a.PNG", "sub/b.jpg", ".c.png", "._d.jpg", ".ipynb_checkpoints/e.png", "f.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert find_images([tmp_path]) == [tmp_path / "a.PNG", tmp_path / "sub/b.jpg"]

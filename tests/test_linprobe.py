@@ -19,8 +19,8 @@ from mfm.errors import UserError
 from mfm.linprobe import (
     fit_logistic,
     knn_top1,
-    pool_features,
     run,
+    select_pool,
     split_held_out,
     train_subset,
 )
@@ -127,16 +127,21 @@ def test_knn_k_larger_than_train_set() -> None:
 # --------------------------------------------------------------------------- pooling
 
 
+def pooled(encoder: Encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
+    select_pool(encoder, pool)
+    with torch.no_grad():
+        return encoder.pooled_features(images)
+
+
 def test_pool_vit_mean_and_cls() -> None:
     torch.manual_seed(0)
     encoder = tiny_vit()
     images = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
-        tokens = encoder.forward_features(images)
-        mean = pool_features(encoder, images, "mean")
-        cls = pool_features(encoder, images, "cls")
+        tokens = encoder.backbone.forward_features(images)
+    mean, cls = pooled(encoder, images, "mean"), pooled(encoder, images, "cls")
     assert mean.shape == cls.shape == (3, 32)
-    assert encoder.num_prefix_tokens == 1
+    assert encoder.backbone.num_prefix_tokens == 1
     assert torch.allclose(mean, tokens[:, 1:].mean(dim=1))
     assert torch.allclose(cls, tokens[:, 0])
     assert not torch.allclose(mean, cls)
@@ -147,25 +152,45 @@ def test_pool_vit_without_class_token() -> None:
     encoder = tiny_vit(class_token=False, global_pool="avg")
     images = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
-        mean = pool_features(encoder, images, "mean")
-        timm_pooled = encoder.backbone.forward_head(
-            encoder.forward_features(images), pre_logits=True
-        )
+        tokens = encoder.backbone.forward_features(images)
+        by_hand = encoder.backbone.fc_norm(tokens.mean(dim=1))  # no prefix tokens to drop
+    mean = pooled(encoder, images, "mean")
     assert mean.shape == (2, 32)
-    assert torch.allclose(mean, timm_pooled, atol=1e-6)  # fc_norm applied, as timm does
+    assert not isinstance(encoder.backbone.fc_norm, torch.nn.Identity)
+    assert torch.allclose(mean, by_hand, atol=1e-6)
     with pytest.raises(UserError, match="linprobe.pool"):
-        pool_features(encoder, images, "cls")
+        select_pool(encoder, "cls")
 
 
-def test_pool_cnn_averages_the_map() -> None:
+SWIN = {"window_size": 2, "embed_dim": 24, "depths": [1, 1], "num_heads": [1, 1]}
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ModelParams(patch_size=4, kwargs=TINY_VIT),
+        ModelParams(name="resnet10t"),
+        ModelParams(name="swin_tiny_patch4_window7_224", kwargs=SWIN),
+    ],
+    ids=["vit", "resnet", "swin"],
+)
+def test_pooled_features_average_the_map_the_head_sees(model: ModelParams) -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder(model, img_size=32, in_chans=1).eval()
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        feature_map = encoder.feature_map(images)
+    features = pooled(encoder, images, "mean")
+    assert feature_map.shape[-1] > 1
+    assert features.shape == (2, encoder.num_features)
+    assert torch.allclose(features, feature_map.mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_cnns_keep_their_own_pooling_whatever_the_pool() -> None:
     torch.manual_seed(0)
     encoder = build_encoder(ModelParams(name="resnet10t"), img_size=32, in_chans=3).eval()
     images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        feature_map = encoder.forward_features(images)
-        pooled = pool_features(encoder, images, "cls")  # pool is ignored for CNNs
-    assert pooled.shape == (2, encoder.num_features)
-    assert torch.allclose(pooled, feature_map.mean(dim=(2, 3)))
+    assert torch.equal(pooled(encoder, images, "cls"), pooled(encoder, images, "mean"))
 
 
 # --------------------------------------------------------------------------- the stage

@@ -43,20 +43,17 @@ def test_finetune_wildcard_expands_to_the_cli_choices() -> None:
     """The default target runs finetune once per CLI choice of --init, as DVC's matrix does."""
     from mfm.cli import VARIANTS
 
-    out = subprocess.run(
-        ["snakemake", "-n", "--forceall"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        env=_tool_env(),
-    ).stdout
+    out = dry_run("--forceall")
     inits = re.findall(r"wildcards: init=(\w+)", out)
     assert sorted(inits) == sorted(VARIANTS["finetune"]["init"])
 
 
-def _tool_env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+def dry_run(*args: str) -> str:
+    """What ``snakemake -n`` prints for ``args``, run with the venv's tools."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(
+        ["snakemake", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True, env=env
+    ).stdout
 
 
 def test_study_stages_are_the_main_commands_per_pretext() -> None:
@@ -94,12 +91,5 @@ def test_training_rules_start_torchrun_with_one_process_per_gpu() -> None:
         (4, "torchrun --standalone --nproc-per-node=4 -m mfm pretrain"),
     ):
         extra = ["--set-resources", f"pretrain:gpu={gpus}"] if gpus else []
-        out = subprocess.run(
-            ["snakemake", "-n", "-p", "-f", "pretrain", *extra],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            env=_tool_env(),
-        ).stdout
+        out = dry_run("-p", "-f", "pretrain", *extra)
         assert f"{start} 2> logs/pretrain.log" in out

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torchvision.datasets
 
-import mfm.data
-from mfm.data import load_meta
+from mfm.data.meta import load_meta
+from mfm.data.sources import fashion_mnist
+from mfm.data.subsets import subset_indices
 from mfm.errors import UserError
-from mfm.prepare import channel_stats, run, subset_indices
+from mfm.prepare import channel_stats, run
 
 pytestmark = pytest.mark.usefixtures("offline_data")
 
@@ -60,10 +61,10 @@ def test_fashion_mnist_torchvision_layout(tmp_path, make_fashion, make_params):
 
 
 def test_fashion_mnist_debian_place(tmp_path, make_fashion, make_params):
-    make_fashion(mfm.data.DEBIAN_FASHION_MNIST)
+    make_fashion(fashion_mnist.DEBIAN_FASHION_MNIST)
     metrics = run(make_params(dataset="fashion_mnist"), tmp_path / "out")
     assert metrics["num_train"] == 12
-    assert load_meta(tmp_path / "out").source == str(mfm.data.DEBIAN_FASHION_MNIST)
+    assert load_meta(tmp_path / "out").source == str(fashion_mnist.DEBIAN_FASHION_MNIST)
 
 
 def test_fashion_mnist_truncated_file_names_it(tmp_path, make_fashion, make_params):
@@ -84,7 +85,7 @@ def test_fashion_mnist_missing_lists_every_place(tmp_path, make_params, offline_
     for place in (
         root,
         root / "FashionMNIST" / "raw",
-        mfm.data.DEBIAN_FASHION_MNIST,
+        fashion_mnist.DEBIAN_FASHION_MNIST,
         offline_data / "FashionMNIST" / "raw",
     ):
         assert str(place) in message
@@ -175,9 +176,12 @@ def test_channel_stats_chunks_agree_with_numpy(monkeypatch):
 # --------------------------------------------------------------------------- cifar
 
 
-def test_cifar10_from_torchvision_layout(tmp_path, make_cifar, make_params):
+@pytest.mark.parametrize("at_release", [False, True])
+def test_cifar10_through_torchvision(tmp_path, make_cifar, make_params, at_release):
+    """data.root may hold cifar-10-batches-py/ or be that folder itself."""
     folder = make_cifar(tmp_path / "root")
-    metrics = run(make_params(dataset="cifar10", root=str(tmp_path / "root")), tmp_path / "out")
+    root = folder if at_release else tmp_path / "root"
+    metrics = run(make_params(dataset="cifar10", root=str(root)), tmp_path / "out")
     assert metrics == {
         "dataset": "cifar10",
         "num_train": 20,
@@ -188,32 +192,42 @@ def test_cifar10_from_torchvision_layout(tmp_path, make_cifar, make_params):
     }
     arrays = _arrays(tmp_path / "out")
     batch = pickle.loads((folder / "data_batch_2").read_bytes())
-    first = batch[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    first = batch["data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
     np.testing.assert_array_equal(arrays["train_images"][4], first)
-    assert arrays["train_labels"][4] == batch[b"labels"][0]
+    assert arrays["train_labels"][4] == batch["labels"][0]
+    assert arrays["train_images"].flags.c_contiguous and arrays["train_labels"].dtype == np.int64
     meta = load_meta(tmp_path / "out")
     assert meta.classes == [f"class{i}" for i in range(10)]
+    assert meta.source == str(folder)
     assert len(meta.mean) == 3 and all(0.4 < m < 0.6 for m in meta.mean)
 
 
 def test_cifar100_uses_fine_labels_and_raw_dir(tmp_path, make_cifar, make_params, offline_data):
-    make_cifar(offline_data, dataset="cifar100")
-    metrics = run(make_params(dataset="cifar100"), tmp_path / "out")
+    folder = make_cifar(offline_data, dataset="cifar100")
+    # download: true with a complete copy in place verifies it and never reaches the network
+    metrics = run(make_params(dataset="cifar100", download=True), tmp_path / "out")
     assert (metrics["num_train"], metrics["num_test"], metrics["num_classes"]) == (4, 6, 100)
+    test = pickle.loads((folder / "test").read_bytes())
+    np.testing.assert_array_equal(_arrays(tmp_path / "out")["test_labels"], test["fine_labels"])
+    assert load_meta(tmp_path / "out").classes[-1] == "fine99"
 
 
 def test_cifar_missing_is_a_user_error(tmp_path, make_params):
-    with pytest.raises(UserError, match="cifar-10-batches-py.*data.download is false"):
-        run(make_params(dataset="cifar10", root=str(tmp_path / "empty")), tmp_path / "out")
+    empty = tmp_path / "empty"
+    with pytest.raises(UserError, match="cifar-10-batches-py.*data.download is false") as err:
+        run(make_params(dataset="cifar10", root=str(empty)), tmp_path / "out")
+    assert str(empty / "cifar-10-batches-py") in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError, match="torchvision's download failed .*no network in tests"):
         run(make_params(dataset="cifar10", download=True), tmp_path / "out")
 
 
-def test_cifar_corrupt_pickle_names_the_file(tmp_path, make_cifar, make_params):
+@pytest.mark.parametrize("damage", ["data_batch_3", "batches.meta"])
+def test_cifar_corrupt_file_is_named(tmp_path, make_cifar, make_params, damage):
     folder = make_cifar(tmp_path / "root")
-    (folder / "data_batch_3").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(UserError, match="data_batch_3 is not a readable CIFAR pickle"):
+    (folder / damage).write_bytes(b"\x80\x04garbage")
+    with pytest.raises(UserError, match=f"{damage} is missing or fails its md5 check.*download"):
         run(make_params(dataset="cifar10", root=str(tmp_path / "root")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- imagefolder
@@ -258,6 +272,22 @@ def test_imagefolder_accepts_test_and_limits(tmp_path, make_image_tree, make_par
     metrics = run(params, tmp_path / "out")
     assert (metrics["num_train"], metrics["num_test"]) == (3, 1)
     assert len(_manifest(tmp_path / "out" / "train.csv")) == 3
+
+
+def test_imagefolder_ignores_hidden_entries(tmp_path, make_image_tree, make_params):
+    """Notebook checkpoints, Finder files and macOS resource forks are neither classes nor
+    images (unignored, each would add a class or fail the image check)."""
+    root = make_image_tree(tmp_path / "imgs")
+    garbage = b"not an image at all"
+    for folder in ("train/.ipynb_checkpoints", "train/dog/.ipynb_checkpoints", "val/.cache"):
+        (root / folder).mkdir()
+        (root / folder / "a-checkpoint.png").write_bytes(garbage)
+    for name in ("train/dog/.DS_Store", "train/dog/._a.png", "val/cat/._z.png", ".DS_Store"):
+        (root / name).write_bytes(garbage)
+    metrics = run(make_params(dataset="imagefolder", root=str(root)), tmp_path / "out")
+    assert (metrics["num_train"], metrics["num_test"], metrics["num_classes"]) == (5, 2, 2)
+    paths = [r["path"] for r in _manifest(tmp_path / "out" / "train.csv")]
+    assert not any("/." in path for path in paths)
 
 
 def test_imagefolder_empty_class_folder(tmp_path, make_image_tree, make_params):

@@ -96,7 +96,7 @@ def test_cli_writes_one_metrics_file_per_classifier(
 
 
 def test_error_rate_of_a_known_classifier(workspace: tuple[Params, Path]) -> None:
-    from mfm.bench import synthetic_meta
+    from mfm.throughput import synthetic_meta
 
     class AlwaysThree(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""mCE, relative mCE and the CIFAR-C score against hand-computed values; the report; the PNG."""
+"""mCE, relative mCE and the CIFAR-C score against hand-computed values; the report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-from PIL import Image
 
 from mfm.errors import UserError
 from mfm.robustness_metrics import (
@@ -17,7 +16,6 @@ from mfm.robustness_metrics import (
     alexnet_baseline,
     cifar_c_score,
     corruption_errors,
-    error_heatmap,
     mean_ce,
     relative_corruption_errors,
     robustness_report,
@@ -110,12 +108,3 @@ def test_undefined_ratios_become_null() -> None:
     report = robustness_report({"a": {1: 0.3}}, 0.1, perfect, 0.0, "perfect", ["a"])
     assert report["mce"] is None and report["ce"]["a"] is None
     json.dumps(report, allow_nan=False)
-
-
-def test_heatmap_is_a_png(tmp_path) -> None:
-    path = tmp_path / "figs" / "heat.png"
-    error_heatmap({"fog": {1: 0.1, 2: 0.9}, "snow": {2: 0.5}}, path, "toy")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as image:
-        image.verify()
-    assert [p.name for p in path.parent.iterdir()] == ["heat.png"]

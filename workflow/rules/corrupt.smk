@@ -4,7 +4,15 @@
 rule corrupt:
     input:
         "data/prepared",
+        "mfm/config.py",
         "mfm/corrupt.py",
+        "mfm/corrupted_set.py",
+        "mfm/data/meta.py",
+        "mfm/data/subsets.py",
+        "mfm/errors.py",
+        "mfm/io.py",
+        "mfm/paths.py",
+        "mfm/robustness_metrics.py",
     output:
         directory("data/corrupted"),
         "metrics/corrupt.json",

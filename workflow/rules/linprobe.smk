@@ -5,9 +5,21 @@ rule linprobe:
     input:
         "data/prepared",
         "results/pretrain/encoder.pt",
+        "mfm/config.py",
+        "mfm/data/augment.py",
+        "mfm/data/datasets.py",
+        "mfm/data/loaders.py",
+        "mfm/data/meta.py",
+        "mfm/data/prepared.py",
+        "mfm/data/sources/common.py",
+        "mfm/device.py",
+        "mfm/distributed.py",
+        "mfm/errors.py",
+        "mfm/io.py",
         "mfm/linprobe.py",
         "mfm/models.py",
-        "mfm/data.py",
+        "mfm/paths.py",
+        "mfm/seeding.py",
     output:
         "metrics/linprobe.json",
     log:

@@ -5,8 +5,21 @@
 
 rule prepare:
     input:
+        "mfm/config.py",
+        "mfm/data/files.py",
+        "mfm/data/meta.py",
+        "mfm/data/prepared.py",
+        "mfm/data/sources/__init__.py",
+        "mfm/data/sources/cifar.py",
+        "mfm/data/sources/common.py",
+        "mfm/data/sources/digits.py",
+        "mfm/data/sources/fashion_mnist.py",
+        "mfm/data/sources/imagefolder.py",
+        "mfm/data/subsets.py",
+        "mfm/errors.py",
+        "mfm/io.py",
+        "mfm/paths.py",
         "mfm/prepare.py",
-        "mfm/data.py",
     output:
         directory("data/prepared"),
         "metrics/prepare.json",

@@ -1,5 +1,6 @@
-"""The bench on a tiny CPU config: every key with a sane value, the per-image loop equal to the
-batched corruption, FLOP counts by hand, the peak table, compile failures, and the CLI."""
+"""The throughput benchmark on a tiny CPU config: every key with a sane value, each figure from
+its own timing, the per-image loop equal to the batched corruption, FLOP counts by hand, the
+peak table, compile failures, and the CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mfm import bench, cli
+from mfm import cli, flops, throughput
 from mfm.config import Params
 from mfm.frequency import RandomFrequencyMask
 
@@ -86,7 +87,7 @@ def tiny_params(name: str = "vit_tiny_patch16_224", **model: Any) -> Params:
 
 
 def tiny_run(params: Params | None = None, **options: Any) -> dict[str, Any]:
-    return bench.run(params or tiny_params(), 4, steps=1, warmup=1, channels=3, **options)
+    return throughput.run(params or tiny_params(), 4, steps=1, warmup=1, channels=3, **options)
 
 
 @pytest.fixture(scope="module")
@@ -97,24 +98,48 @@ def vit_result() -> dict[str, Any]:
 def test_every_key_with_sane_values(vit_result):
     out = vit_result
     assert set(out) == EXPECTED_KEYS
-    assert [key for key in out if key not in bench.__doc__] == []  # every key documented
+    assert [key for key in out if key not in throughput.__doc__] == []  # every key documented
     json.dumps(out)  # flat and serialisable
     assert not any(isinstance(v, dict | list) for v in out.values())
     for key in POSITIVE:
         assert math.isfinite(out[key]) and out[key] > 0, key
-    assert out["images_per_second"] == pytest.approx(4000 / out["step_ms"])
-    assert out["supervised_images_per_second"] == pytest.approx(4000 / out["supervised_step_ms"])
-    assert out["mfm_over_supervised"] == pytest.approx(out["step_ms"] / out["supervised_step_ms"])
-    loop_ratio = out["corruption_loop_ms"] / out["corruption_ms"]
-    assert out["corruption_loop_over_batched"] == pytest.approx(loop_ratio)
+    # one timed step, after the 2 untimed calls torch's Timer makes even when 1 is asked for
     assert (out["device"], out["batch_size"], out["timed_steps"], out["warmup_steps"]) == (
         "cpu",
         4,
         1,
-        1,
+        2,
     )
     assert isinstance(out["device_name"], str) and out["device_name"]
-    assert out["supervised_classes"] == bench.SUPERVISED_CLASSES
+    assert out["supervised_classes"] == throughput.SUPERVISED_CLASSES
+
+
+def test_each_figure_comes_from_its_own_timing(monkeypatch):
+    """A fake clock gives each timed function its own duration: every figure must follow from
+    the right one, in the right unit, with the right batch."""
+    seconds = {"mfm": 0.5, "corrupt_only": 0.004, "loss_only": 0.006, "loop": 0.1, "sup": 0.25}
+    timed: list[str] = []
+
+    def fake_mean_seconds(fn, calls, warmup=0):
+        fn()  # the timed code still has to run
+        name = fn.__name__
+        if name == "step":  # the MFM step is timed first, the supervised one last
+            name = "sup" if "mfm" in timed else "mfm"
+        timed.append(name)
+        return seconds[name]
+
+    monkeypatch.setattr(throughput, "mean_seconds", fake_mean_seconds)
+    out = tiny_run()
+    assert timed == ["mfm", "corrupt_only", "loss_only", "loop", "sup"]
+    assert out["step_ms"] == pytest.approx(500.0)
+    assert out["images_per_second"] == pytest.approx(8.0)  # batch 4 in 0.5 s
+    assert out["corruption_ms"] == pytest.approx(4.0) and out["loss_ms"] == pytest.approx(6.0)
+    assert out["frequency_share"] == pytest.approx(0.02)
+    assert out["supervised_step_ms"] == pytest.approx(250.0)
+    assert out["supervised_images_per_second"] == pytest.approx(16.0)
+    assert out["mfm_over_supervised"] == pytest.approx(2.0)
+    assert out["corruption_loop_ms"] == pytest.approx(100.0)
+    assert out["corruption_loop_over_batched"] == pytest.approx(25.0)
 
 
 def test_cpu_says_amp_has_no_effect_and_vit_ignores_channels_last(vit_result):
@@ -129,8 +154,8 @@ def test_cpu_says_amp_has_no_effect_and_vit_ignores_channels_last(vit_result):
 def test_cpu_mfu_reports_achieved_tflops_and_no_mfu(vit_result):
     out = vit_result
     assert out["step_gflop"] > 0 and out["supervised_step_gflop"] > 0
-    achieved = out["step_gflop"] / out["step_ms"]  # GFLOP per ms = TFLOP/s
-    assert out["achieved_tflops"] == pytest.approx(achieved)
+    assert out["achieved_tflops"] > 0 and out["supervised_achieved_tflops"] > 0
+    assert out["peak_precision"] is None
     assert out["mfu"] is None and out["supervised_mfu"] is None and out["peak_tflops"] is None
     assert "achieved TFLOP/s only" in out["mfu_note"]
 
@@ -166,10 +191,10 @@ def test_per_image_loop_equals_batched_corruption(size, radius, inner, clamp, lo
     x = torch.rand(4, 3, *size)
     batched = RandomFrequencyMask(radius, inner, p_low=1.0 if low else 0.0, clamp=clamp)
     expected, mask = batched.corrupt(x)
-    loop = bench.per_image_frequency_mask(x, [low] * 4, [radius] * 4, inner, clamp)
+    loop = throughput.per_image_frequency_mask(x, [low] * 4, [radius] * 4, inner, clamp)
     torch.testing.assert_close(loop, expected, atol=1e-5, rtol=1e-5)
     if not clamp:  # the loop's mask is the batched one: low + high adds back to the image
-        other = bench.per_image_frequency_mask(x, [not low] * 4, [radius] * 4, inner, False)
+        other = throughput.per_image_frequency_mask(x, [not low] * 4, [radius] * 4, inner, False)
         torch.testing.assert_close(loop + other, x, atol=1e-5, rtol=1e-5)
     kept = mask[:, :, size[0] // 2, size[1] // 2 + 2]  # 2 bins from DC: inside the disc/band
     assert bool(kept.all()) is low
@@ -182,7 +207,7 @@ def test_per_image_loop_follows_mixed_draws_of_the_batch():
     expected, mask = batched.corrupt(x)
     keep_low = mask[:, 0, 6, 6].bool().tolist()  # DC kept = low-pass
     assert 0 < sum(keep_low) < 6
-    loop = bench.per_image_frequency_mask(x, keep_low, [3.0] * 6)
+    loop = throughput.per_image_frequency_mask(x, keep_low, [3.0] * 6)
     torch.testing.assert_close(loop, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -191,7 +216,8 @@ def test_the_timed_loop_uses_the_corruptions_settings(p_low):
     corruption = RandomFrequencyMask((0.25, 0.25), radius_unit="fraction", p_low=p_low)
     x = torch.rand(4, 3, 16, 16)
     expected, _ = corruption.corrupt(x)
-    torch.testing.assert_close(bench._loop_corruption(corruption, x)(), expected, atol=1e-5, rtol=0)
+    loop = throughput._loop_corruption(corruption, x)
+    torch.testing.assert_close(loop(), expected, atol=1e-5, rtol=0)
 
 
 # -- FLOPs and the peak table ----------------------------------------------------------------
@@ -203,16 +229,16 @@ def test_flops_of_a_linear_step_by_hand():
     x = torch.randn(batch, fan_in)
     matmul = 2 * batch * fan_in * fan_out  # one multiply-add = 2 FLOPs
     # forward y = x W^T, backward dW = dy^T x (x needs no grad): two matmuls
-    assert bench.count_flops(lambda: layer(x).sum().backward()) == 2 * matmul
+    assert flops.count_flops(lambda: layer(x).sum().backward()) == 2 * matmul
     x.requires_grad_(True)  # + dx = dy W
-    assert bench.count_flops(lambda: layer(x).sum().backward()) == 3 * matmul
+    assert flops.count_flops(lambda: layer(x).sum().backward()) == 3 * matmul
 
 
 def test_flops_of_cpu_attention_are_counted():
     batch, heads, tokens, dim = 1, 2, 5, 8
     q, k, v = (torch.randn(batch, heads, tokens, dim) for _ in range(3))
     expected = 2 * (2 * batch * heads * tokens * dim * tokens)  # q k^T, then (.) v
-    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == expected
+    assert flops.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == expected
 
 
 @pytest.mark.parametrize(
@@ -229,18 +255,18 @@ def test_flops_of_cpu_attention_are_counted():
     ],
 )
 def test_peak_table(name, precision, peak):
-    assert bench.peak_tflops(name, precision) == peak
+    assert flops.peak_tflops(name, precision) == peak
 
 
 def test_mfu_on_a_known_and_an_unknown_gpu():
-    mfm = bench.StepTiming(seconds=0.5, flops=10**12)
-    sup = bench.StepTiming(seconds=0.25, flops=10**12)
+    mfm = throughput.StepTiming(seconds=0.5, flops=10**12)
+    sup = throughput.StepTiming(seconds=0.25, flops=10**12)
     cuda = torch.device("cuda")
-    out = bench._mfu_figures(mfm, sup, cuda, "NVIDIA H200", amp_on=True)
+    out = flops.mfu_figures(mfm, sup, cuda, "NVIDIA H200", amp_on=True)
     assert out["achieved_tflops"] == pytest.approx(2.0) and out["peak_precision"] == "bf16"
     assert out["mfu"] == pytest.approx(2.0 / 989.0)
     assert out["supervised_mfu"] == pytest.approx(4.0 / 989.0) and out["mfu_note"] is None
-    unknown = bench._mfu_figures(mfm, sup, cuda, "Tesla T4", amp_on=True)
+    unknown = flops.mfu_figures(mfm, sup, cuda, "Tesla T4", amp_on=True)
     assert unknown["mfu"] is None and "--peak-tflops" in unknown["mfu_note"]
 
 
@@ -289,7 +315,7 @@ def test_compile_failure_at_the_first_call_falls_back_to_eager(monkeypatch):
 
         return step
 
-    timing = bench.time_training_step(layer, make_step, torch.device("cpu"), 2, 1, compile=True)
+    timing = throughput.time_training_step(layer, make_step, 2, 1, compile=True)
     assert timing.compile_error == "RuntimeError: backend compiler failed"
     assert timing.compile_seconds is None and timing.seconds > 0
     assert all(forward is layer for forward in calls[1:])  # the eager layer was timed
@@ -320,7 +346,7 @@ def params_file(tmp_path: Path) -> Path:
     ],
 )
 def test_cli_rejects_bad_numbers_in_one_line(bad, params_file, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("bench ran"))
+    monkeypatch.setattr(throughput, "run", lambda *a, **k: pytest.fail("bench ran"))
     assert cli.main(["bench", "--params", str(params_file), *bad]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -343,7 +369,7 @@ def test_cli_passes_the_options_through(params_file, capsys, monkeypatch):
         seen.update(options)
         return {"images_per_second": 1.0}
 
-    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(throughput, "run", fake_run)
     argv = ["bench", "--params", str(params_file), "--batch-size", "4", "--steps", "2"]
     argv += ["--no-amp", "--channels-last", "--compile", "--peak-tflops", "100"]
     assert cli.main(argv) == 0

@@ -8,11 +8,14 @@ should cost), the batched corruption against the per-image loop the authors' dat
 runs, and optionally the model FLOPs utilisation.
 
 ``run`` returns one flat dict (printed as JSON by ``python -m mfm bench``). Times are means
-over ``timed_steps`` calls after ``warmup_steps`` untimed ones; a key that was not measured
-is ``null``.
+over ``timed_steps`` calls after ``warmup_steps`` untimed ones, taken by ``mfm.timing``
+(``torch.utils.benchmark``, which synchronises CUDA); a key that was not measured is
+``null``. FLOP counting, the GPUs' peak table and the MFU are in ``mfm.flops``.
 
 What ran
-    model, pretext, img_size, channels, batch_size, timed_steps, warmup_steps
+    model, pretext, img_size, channels, batch_size, timed_steps,
+    warmup_steps (untimed calls before each timing: the warm-up asked for, but at least the
+    max(2, timed_steps // 100) that torch's Timer always makes)
     device ("cuda", "cpu", ...), device_name (GPU name, or the CPU model from /proc/cpuinfo),
     threads (torch CPU threads), torch (version)
 Options as requested and as applied
@@ -46,7 +49,6 @@ from __future__ import annotations
 
 import math
 import platform
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,26 +57,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import flop_counter
 
 from mfm.config import Params
-from mfm.data import DatasetMeta, device_augment, normalizer
+from mfm.data.augment import device_augment, normalizer
+from mfm.data.meta import DatasetMeta
 from mfm.device import autocast, resolve_device
-from mfm.frequency import RandomFrequencyMask, build_corruption
+from mfm.flops import count_flops, mfu_figures
+from mfm.frequency import SPATIAL_DIMS, RandomFrequencyMask, build_corruption
 from mfm.losses import FrequencyLoss
 from mfm.models import MFMModel, build_classifier, build_encoder
 from mfm.optim import build_optimizer, scaled_lr
+from mfm.timing import mean_seconds, seconds_once, untimed_calls
 
 SUPERVISED_CLASSES = 10
-_SPATIAL = (-2, -1)
-# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets: bf16 and tf32 on the tensor
-# cores, fp32 on the CUDA cores. Keyed by the model as ``known_gpu`` names it.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H100 SXM": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
-    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
-    "H200": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
-}
 
 
 def synthetic_meta(channels: int, img_size: int) -> DatasetMeta:
@@ -116,64 +111,6 @@ def device_name(device: torch.device) -> str:
     return cpu_model()
 
 
-def known_gpu(name: str) -> str | None:
-    """The ``PEAK_TFLOPS`` key of a CUDA device name, or None for a GPU not in the table.
-
-    ``NVIDIA H100 80GB HBM3`` is the SXM part; NVL variants have other clocks, so they are
-    left out rather than matched to the wrong row.
-    """
-    upper = name.upper()
-    if "NVL" in upper:
-        return None
-    if "H200" in upper:
-        return "H200"
-    if "H100" in upper:
-        return "H100 PCIe" if "PCIE" in upper else "H100 SXM"
-    if "A100" in upper:
-        return "A100"
-    return None
-
-
-def peak_tflops(name: str, precision: str) -> float | None:
-    """Dense peak TFLOP/s of the GPU called ``name`` at ``precision`` (bf16, tf32, fp32)."""
-    model = known_gpu(name)
-    return None if model is None else PEAK_TFLOPS[model][precision]
-
-
-# -- FLOPs -------------------------------------------------------------------------------
-
-
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def _extra_flop_formulas() -> dict[Any, Any]:
-    """Fused attention on the CPU, which FlopCounterMode does not count by itself (the CUDA
-    kernels it does): the same formulas as for the CUDA kernels."""
-    aten = torch.ops.aten
-    formulas = {
-        "_scaled_dot_product_flash_attention_for_cpu": _cpu_attention_flops,
-        "_scaled_dot_product_flash_attention_for_cpu_backward": _cpu_attention_backward_flops,
-    }
-    return {getattr(aten, op): f for op, f in formulas.items() if hasattr(aten, op)}
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` (run it once) as ``FlopCounterMode`` counts them.
-
-    Matmuls, convolutions and attention, forward and backward when ``fn`` runs a backward
-    pass; a multiply-add counts as 2 FLOPs. FFTs, element-wise ops and the optimiser's
-    update are not counted.
-    """
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as c:
-        fn()
-    return int(c.get_total_flops())
-
-
 # -- the authors' way: one image at a time -------------------------------------------------
 
 
@@ -199,30 +136,13 @@ def per_image_frequency_mask(
         dist2 = ys[:, None] ** 2 + xs[None, :] ** 2
         disc = ((dist2 >= inner_radius**2) & (dist2 < radius**2)).to(image.dtype)
         mask = disc if low else 1.0 - disc
-        spectrum = torch.fft.fftshift(torch.fft.fft2(image), dim=_SPATIAL)
-        filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * mask, dim=_SPATIAL)).real
+        spectrum = torch.fft.fftshift(torch.fft.fft2(image), dim=SPATIAL_DIMS)
+        filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * mask, dim=SPATIAL_DIMS)).real
         out.append(filtered.clamp(0.0, 1.0) if clamp else filtered)
     return torch.stack(out)
 
 
-# -- timing ------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> float:
-    """Mean seconds per call of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+# -- timing a training step ---------------------------------------------------------------
 
 
 def _error_line(err: BaseException, max_chars: int = 300) -> str:
@@ -234,6 +154,8 @@ def _error_line(err: BaseException, max_chars: int = 300) -> str:
 
 @dataclass
 class StepTiming:
+    """Mean seconds of one training step, its FLOPs when counted, and how compiling went."""
+
     seconds: float
     flops: int | None = None
     compile_seconds: float | None = None
@@ -243,7 +165,6 @@ class StepTiming:
 def time_training_step(
     model: nn.Module,
     make_step: Callable[[nn.Module], Callable[[], None]],
-    device: torch.device,
     steps: int,
     warmup: int,
     compile: bool = False,
@@ -264,13 +185,10 @@ def time_training_step(
     if compile:
         try:
             compiled = make_step(torch.compile(model))
-            start = time.perf_counter()
-            compiled()
-            _sync(device)
-            step, result.compile_seconds = compiled, time.perf_counter() - start
+            step, result.compile_seconds = compiled, seconds_once(compiled)
         except Exception as err:  # noqa: BLE001 - any compiler failure is a result, not a crash
             result.compile_error = _error_line(err)
-    result.seconds = _timed(step, device, steps, warmup)
+    result.seconds = mean_seconds(step, steps, warmup)
     return result
 
 
@@ -317,9 +235,7 @@ class _Setup:
 
             return step
 
-        return time_training_step(
-            model, make_step, self.device, self.steps, self.warmup, compile, self.flops
-        )
+        return time_training_step(model, make_step, self.steps, self.warmup, compile, self.flops)
 
 
 def run(
@@ -390,11 +306,11 @@ def run(
             loss = loss_fn(pred, target, fixed_mask)
         loss.backward()
 
-    corrupt_s = _timed(corrupt_only, device, steps, warmup)
-    loss_s = _timed(loss_only, device, steps, warmup)
+    corrupt_s = mean_seconds(corrupt_only, steps, warmup)
+    loss_s = mean_seconds(loss_only, steps, warmup)
     loop_s = None
     if isinstance(corruption, RandomFrequencyMask):
-        loop_s = _timed(_loop_corruption(corruption, clean), torch.device("cpu"), steps, warmup)
+        loop_s = mean_seconds(_loop_corruption(corruption, clean), steps, warmup)
 
     # The floor: the same encoder, supervised, on fixed random labels.
     classifier, _ = build_classifier(
@@ -413,7 +329,7 @@ def run(
         compile_error = f"supervised: {sup.compile_error}"
 
     name = device_name(device)
-    figures = _mfu_figures(mfm, sup, device, name, amp_on, peak) if mfu else _mfu_figures()
+    figures = mfu_figures(mfm, sup, device, name, amp_on, peak) if mfu else mfu_figures()
     return {
         "model": params.model.name,
         "pretext": params.pretrain.pretext,
@@ -421,7 +337,7 @@ def run(
         "channels": channels,
         "batch_size": batch_size,
         "timed_steps": steps,
-        "warmup_steps": warmup,
+        "warmup_steps": untimed_calls(steps, warmup),
         "device": str(device),
         "device_name": name,
         "threads": torch.get_num_threads(),
@@ -455,7 +371,7 @@ def run(
 
 def _amp_note(requested: bool, device: torch.device) -> str | None:
     if requested and device.type != "cuda":
-        return f"no effect on {device.type}: bf16 autocast is CUDA-only (mfm.engine.autocast)"
+        return f"no effect on {device.type}: bf16 autocast is CUDA-only (mfm.device.autocast)"
     return None
 
 
@@ -474,51 +390,3 @@ def _loop_corruption(corruption: RandomFrequencyMask, clean: Tensor) -> Callable
         return per_image_frequency_mask(images, keep_low, radii, inner, corruption.clamp)
 
     return loop
-
-
-def _mfu_figures(
-    mfm: StepTiming | None = None,
-    sup: StepTiming | None = None,
-    device: torch.device | None = None,
-    name: str = "",
-    amp_on: bool = False,
-    peak: float | None = None,
-) -> dict[str, Any]:
-    """The MFU keys: all null when not asked for."""
-    keys = ("step_gflop", "achieved_tflops", "peak_tflops", "peak_precision", "mfu")
-    sup_keys = ("supervised_step_gflop", "supervised_achieved_tflops", "supervised_mfu")
-    out: dict[str, Any] = dict.fromkeys((*keys, *sup_keys, "mfu_note"))
-    if mfm is None or sup is None or device is None:
-        return out
-    note = None
-    if peak is not None:
-        precision = "given"
-    elif device.type == "cuda":
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        precision = "bf16" if amp_on else ("tf32" if tf32 else "fp32")
-        peak = peak_tflops(name, precision)
-        if peak is None:
-            note = f"{name} is not in the peak table: pass --peak-tflops for an MFU"
-    else:
-        precision = None
-        note = f"no peak table for {device.type}: achieved TFLOP/s only (--peak-tflops sets one)"
-
-    def rates(timing: StepTiming) -> tuple[float, float, float | None]:
-        flops = float(timing.flops or 0)
-        achieved = flops / timing.seconds / 1e12
-        return flops / 1e9, achieved, (achieved / peak if peak else None)
-
-    gflop, achieved, mfu = rates(mfm)
-    sup_gflop, sup_achieved, sup_mfu = rates(sup)
-    out.update(
-        step_gflop=gflop,
-        achieved_tflops=achieved,
-        peak_tflops=peak,
-        peak_precision=precision,
-        mfu=mfu,
-        supervised_step_gflop=sup_gflop,
-        supervised_achieved_tflops=sup_achieved,
-        supervised_mfu=sup_mfu,
-        mfu_note=note,
-    )
-    return out

@@ -4,7 +4,8 @@
 Each benchmark is a folder of ``<wnid>/*`` images; labels are ImageNet-1k indices (the
 sorted order of the 1000 wnids that timm ships), so one model head serves all four.
 ImageNet-A and -R cover 200 classes each: the 1000 logits are sliced to those classes
-(ascending 1k indices) before the argmax, as their authors score them.
+(ascending 1k indices) before the argmax, as their authors score them. Images are
+preprocessed by timm's ImageNet evaluation transform.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from typing import Any
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms_factory import transforms_imagenet_eval
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+from torchvision import transforms  # the API timm's transforms are built with
 from tqdm import tqdm
 
-from mfm.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, make_loader
+from mfm.data.files import is_hidden, is_image_file
+from mfm.data.loaders import make_loader
 from mfm.errors import UserError
+from mfm.evaluation import evaluate_batches
 from mfm.robustness_metrics import (
     ALEXNET_CLEAN_ERROR,
     IMAGENET_C_CORRUPTIONS,
@@ -90,25 +95,31 @@ def class_subset(benchmark: str) -> tuple[int, ...]:
 
 
 def benchmark_transform(crop: int = 224, resize: int | None = 256) -> Callable[[Image.Image], Any]:
-    """Evaluation preprocessing: optional Resize, CenterCrop, ImageNet normalisation.
+    """timm's ImageNet evaluation: shorter side to ``resize`` (bilinear), centre ``crop``,
+    ImageNet mean/std normalisation.
 
-    ImageNet-C images are already 224 px crops, so they take ``resize=None``.
+    ImageNet-C images are already 224 px crops of resized images, so they take
+    ``resize=None``: timm's resize step is left out and the crop alone remains.
     """
-    steps: list[Any] = [transforms.Resize(resize)] if resize else []
-    steps += [
-        transforms.CenterCrop(crop),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]
-    return transforms.Compose(steps)
+    # timm resizes to floor(crop / crop_pct); the half pixel keeps float error off the floor.
+    crop_pct = 1.0 if resize is None else crop / (resize + 0.5)
+    pipeline = transforms_imagenet_eval(
+        crop,
+        crop_pct=crop_pct,
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
+    if resize is None:
+        kept = [step for step in pipeline.transforms if not isinstance(step, transforms.Resize)]
+        pipeline = transforms.Compose(kept)
+    return pipeline
 
 
 def _images(folder: Path) -> list[str]:
     """Sorted image paths directly inside ``folder``."""
     return sorted(
-        entry.path
-        for entry in os.scandir(folder)
-        if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+        entry.path for entry in os.scandir(folder) if entry.is_file() and is_image_file(entry.name)
     )
 
 
@@ -141,7 +152,8 @@ class WnidFolder(Dataset):
         self.transform = transform
         allowed = None if allowed_wnids is None else set(allowed_wnids)
         self.samples: list[tuple[str, int]] = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        folders = (p for p in self.root.iterdir() if p.is_dir() and not is_hidden(p.name))
+        for folder in sorted(folders):
             label = _check_wnid(folder, allowed)
             self.samples += [(path, label) for path in _images(folder)]
         if not self.samples:
@@ -199,16 +211,6 @@ def imagenet_c_sets(root: str | Path) -> list[tuple[str, int, Path]]:
 # --------------------------------------------------------------------------- scoring
 
 
-def _subset_targets(labels: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
-    """1k labels mapped to their positions in ``subset`` (the sliced logits' columns)."""
-    lookup = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
-    lookup[subset] = torch.arange(len(subset))
-    targets = lookup[labels]
-    if (targets < 0).any():
-        raise UserError("an image's class is outside the benchmark's class subset; check the root")
-    return targets
-
-
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The model's 1000 ImageNet logits; any other head cannot be scored here."""
     logits = model(images)
@@ -220,7 +222,6 @@ def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@torch.inference_mode()
 def score(
     model: nn.Module,
     loader: DataLoader,
@@ -233,28 +234,16 @@ def score(
     and -R prescribe.
     """
     model.eval()
-    columns = None if class_subset is None else torch.as_tensor(list(class_subset))
-    correct1 = correct5 = count = 0
-    for images, labels in tqdm(loader, desc="score", unit="batch", leave=False, disable=None):
-        logits = _logits(model, images.to(device)).float().cpu()
-        targets = labels.long()
-        if columns is not None:
-            logits = logits[:, columns]
-            targets = _subset_targets(targets, columns)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == targets[:, None]
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=1).sum())
-        count += len(targets)
-    if count == 0:
-        raise UserError("the benchmark loader yielded no images; check the benchmark root")
+    batches = tqdm(loader, desc="score", unit="batch", leave=False, disable=None)
+    result = evaluate_batches(lambda x: _logits(model, x), batches, device, 5, class_subset)
+    missed1, missed5 = result.count - result.correct1, result.count - result.correctk
     return {
-        "top1": 100.0 * correct1 / count,
-        "top1_err": 100.0 * (count - correct1) / count,
-        "top5": 100.0 * correct5 / count,
-        "top5_err": 100.0 * (count - correct5) / count,
-        "error": (count - correct1) / count,
-        "count": count,
+        "top1": result.top1,
+        "top1_err": 100.0 * missed1 / result.count,
+        "top5": result.topk,
+        "top5_err": 100.0 * missed5 / result.count,
+        "error": missed1 / result.count,
+        "count": result.count,
     }
 
 

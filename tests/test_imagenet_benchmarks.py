@@ -10,12 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+from torchvision.transforms import v2
 
-from mfm.benchmarks import (
+from mfm.data.loaders import make_loader
+from mfm.errors import UserError
+from mfm.imagenet_benchmarks import (
     WnidFolder,
     benchmark_transform,
     class_subset,
@@ -25,8 +30,6 @@ from mfm.benchmarks import (
     imagenet_wnids,
     score,
 )
-from mfm.data import IMAGENET_MEAN, IMAGENET_STD, make_loader
-from mfm.errors import UserError
 from mfm.robustness_metrics import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS
 
 CROP, RESIZE = 8, 10
@@ -42,8 +45,8 @@ class MarkerClassifier(nn.Module):
         super().__init__()
         self.competitors = list(competitors)
         self.distractor = distractor
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3))
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3))
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = ((images[:, :, 0, 0] * self.std + self.mean) * 255).round().long()
@@ -91,11 +94,46 @@ def test_class_lists_come_from_timm() -> None:
     assert len({wnids[i] for i in a} & {wnids[i] for i in r}) == 86
 
 
-def test_transforms_crop_and_resize() -> None:
-    image = Image.new("RGB", (300, 400))
-    assert benchmark_transform()(image).shape == (3, 224, 224)
-    assert benchmark_transform(224, None)(Image.new("RGB", (224, 224))).shape == (3, 224, 224)
-    assert benchmark_transform(CROP, RESIZE)(Image.new("RGB", (12, 20))).shape == (3, 8, 8)
+def reference_transform(crop: int, resize: int | None) -> v2.Compose:
+    """The benchmarks' preprocessing spelled out: shorter side to ``resize`` (bilinear,
+    antialiased, none for ImageNet-C), centre crop, ImageNet mean/std."""
+    steps = [v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR)] if resize else []
+    steps += [
+        v2.CenterCrop(crop),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ]
+    return v2.Compose(steps)
+
+
+def photo(path: Path, size: tuple[int, int], seed: int) -> Image.Image:
+    """A JPEG of smooth random content (detail interpolation can tell apart) at ``size``."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(size[1] // 8 + 2, size[0] // 8 + 2, 3), dtype=np.uint8)
+    Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(path, quality=90)
+    return Image.open(path).convert("RGB")
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "resize"),
+    [
+        ((500, 375), 224, 256),  # ImageNet's commonest shape, landscape
+        ((333, 517), 224, 256),  # odd sides, portrait
+        ((240, 250), 224, None),  # ImageNet-C: cropped, never resized
+        ((224, 224), 224, None),
+        ((20, 12), CROP, RESIZE),
+        ((31, 23), 9, 14),  # crop / resize pairs whose crop ratio floors badly in floats
+        ((40, 41), 14, 25),
+    ],
+)
+def test_transform_is_todays_preprocessing(
+    tmp_path: Path, size: tuple[int, int], crop: int, resize: int | None
+) -> None:
+    image = photo(tmp_path / "photo.jpg", size, seed=sum(size))
+    got = benchmark_transform(crop, resize)(image)
+    assert got.shape == (3, crop, crop)
+    torch.testing.assert_close(got, reference_transform(crop, resize)(image), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -166,6 +204,8 @@ def test_imagenet_r_and_sketch(tmp_path: Path) -> None:
         write_class(tmp_path / "r" / wnid, [0, 4, 5])
     for wnid in (TENCH, "n15075141"):  # first and last of the 1000
         write_class(tmp_path / "sketch" / wnid, [0, 3, 7, 7], size=16)
+    (tmp_path / "sketch" / ".ipynb_checkpoints").mkdir()  # hidden: neither class nor image
+    (tmp_path / "sketch" / TENCH / "._img0.png").write_bytes(b"macOS resource fork")
     model = MarkerClassifier(class_subset("r"), distractor=DISTRACTOR)
     paths = {"imagenet_r": tmp_path / "r"}
     result = evaluate_benchmarks(model, paths, 4, "cpu", crop=CROP, resize=RESIZE)["imagenet_r"]
