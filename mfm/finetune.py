@@ -27,7 +27,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from mfm.config import INITS, FinetuneParams, Params
 from mfm.data.augment import device_augment, normalizer
 from mfm.data.datasets import image_dataset
-from mfm.data.loaders import training_loader
+from mfm.data.loaders import epoch_batches
 from mfm.data.meta import DatasetMeta, load_meta
 from mfm.device import resolve_device
 from mfm.distributed import World, barrier, broadcast, setup, teardown, wrap
@@ -200,11 +200,6 @@ def _train(
         images, targets = mix_batch(mixer, images, labels)
         return criterion(trained(images), targets), {}
 
-    def batches(epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
-        return training_loader(
-            train_set, cfg.batch_size, runtime.seed, runtime.workers, epoch, here, start_batch
-        )
-
     last: dict[str, Any] = {}
 
     def on_epoch_end(epoch: int) -> dict[str, float]:
@@ -217,16 +212,10 @@ def _train(
         last["scores"] = scores = broadcast(scores, here)
         return {f"test_{name}": value for name, value in scores.items()}
 
-    loop = TrainLoop(
-        model,
-        optimizer,
-        scheduler,
-        step,
-        stage_loop_config(
-            cfg, runtime, device, out_dir, training_config(params, init), f"finetune[{init}]"
-        ),
-        here,
+    settings = stage_loop_config(
+        cfg, runtime, device, out_dir, training_config(params, init), f"finetune[{init}]"
     )
+    loop = TrainLoop(model, optimizer, scheduler, step, settings, here)
     log.info(
         "finetune[%s]: %s on %s, %d images, %d steps/epoch, lr %.2e, %d process(es)",
         init,
@@ -237,6 +226,7 @@ def _train(
         lr,
         here.size,
     )
+    batches = epoch_batches(train_set, cfg.batch_size, runtime.seed, runtime.workers, here)
     result = loop.fit(batches, on_epoch_end)
     if here.is_main:
         save_classifier(model, spec, info, out_dir / "classifier.pt")

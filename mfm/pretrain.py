@@ -17,7 +17,7 @@ import torch
 from mfm.config import Params
 from mfm.data.augment import device_augment, normalizer
 from mfm.data.datasets import image_dataset
-from mfm.data.loaders import training_loader
+from mfm.data.loaders import epoch_batches
 from mfm.data.meta import load_meta
 from mfm.device import resolve_device
 from mfm.distributed import World, setup, teardown, wrap
@@ -89,21 +89,10 @@ def _train(
         prediction = trained(normalize(corrupted))
         return loss_fn(prediction, normalize(clean), mask), {}
 
-    def batches(epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
-        return training_loader(
-            train_set, cfg.batch_size, runtime.seed, runtime.workers, epoch, here, start_batch
-        )
-
-    loop = TrainLoop(
-        model,
-        optimizer,
-        scheduler,
-        step,
-        stage_loop_config(
-            cfg, runtime, device, out_dir, training_config(params), f"pretrain[{cfg.pretext}]"
-        ),
-        here,
+    settings = stage_loop_config(
+        cfg, runtime, device, out_dir, training_config(params), f"pretrain[{cfg.pretext}]"
     )
+    loop = TrainLoop(model, optimizer, scheduler, step, settings, here)
     log.info(
         "pretrain: %s on %s, %d images, %d steps/epoch, lr %.2e, device %s, %d process(es)",
         params.model.name,
@@ -115,6 +104,7 @@ def _train(
         here.size,
     )
     started = time.perf_counter()
+    batches = epoch_batches(train_set, cfg.batch_size, runtime.seed, runtime.workers, here)
     result = loop.fit(batches)
     if here.is_main:
         save_encoder(encoder, out_dir / "encoder.pt")

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mfm.config import Params
 from mfm.data.sources import common, fashion_mnist
+from mfm.engine import LoopConfig
 
 IDX_NAMES = {
     "train_images": "train-images-idx3-ubyte",
@@ -207,3 +209,19 @@ def snakemake_rules() -> dict[str, dict[str, Any]]:
     from tests.pipeline_spec import snakemake_rules as read_rules
 
     return read_rules()
+
+
+def cpu_loop_config(out: Path, epochs: int, **changes: Any) -> LoopConfig:
+    """Loop settings for tests: CPU, no AMP, a checkpoint every epoch in ``out``, every step
+    logged; ``changes`` override any field (e.g. ``live_dir``, ``clip_grad``)."""
+    settings: dict[str, Any] = {
+        "epochs": epochs,
+        "device": torch.device("cpu"),
+        "amp": False,
+        "clip_grad": None,
+        "seed": 0,
+        "checkpoint_path": out / "checkpoint.pt",
+        "checkpoint_every": 1,
+        "log_every": 1,
+    }
+    return LoopConfig(**{**settings, **changes})

@@ -19,11 +19,11 @@ from torch.utils.data import TensorDataset
 from mfm.config import Params
 from mfm.data.loaders import GlobalBatchShard, training_loader
 from mfm.distributed import World, per_rank_batch, wrap
-from mfm.engine import LoopConfig, TrainLoop
+from mfm.engine import TrainLoop
 from mfm.errors import UserError
 from mfm.optim import build_optimizer, build_scheduler
 from mfm.prepare import run as prepare
-from tests.conftest import tiny_training_params
+from tests.conftest import cpu_loop_config, tiny_training_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, GLOBAL_BATCH = 2, 8
@@ -62,17 +62,7 @@ def _train(here: World, out: Path) -> tuple[list[float], list[torch.Tensor]]:
         x, y = batch
         return nn.functional.mse_loss(trained(x).squeeze(1), y), {}
 
-    cfg = LoopConfig(
-        epochs=EPOCHS,
-        device=torch.device("cpu"),
-        amp=False,
-        clip_grad=None,
-        seed=0,
-        checkpoint_path=out / "checkpoint.pt",
-        checkpoint_every=1,
-        log_every=1,
-        live_dir=out / "live",
-    )
+    cfg = cpu_loop_config(out, EPOCHS, live_dir=out / "live")
     loop = TrainLoop(model, optimizer, scheduler, step, cfg, here)
     data = _toy_data()
     result = loop.fit(lambda e, k: training_loader(data, GLOBAL_BATCH, 0, 0, e, here, k))

@@ -14,10 +14,11 @@ from torch.utils.data import TensorDataset
 from mfm.checkpoints import previous_checkpoint
 from mfm.data.loaders import training_loader
 from mfm.device import resolve_device
-from mfm.engine import LoopConfig, TrainLoop
+from mfm.engine import TrainLoop
 from mfm.errors import Interrupted, UserError
 from mfm.optim import build_optimizer, build_scheduler, scaled_lr
 from mfm.tracking import trim_history
+from tests.conftest import cpu_loop_config
 
 STEPS_PER_EPOCH = 4
 
@@ -53,17 +54,8 @@ def make_loop(
         noisy = x + 0.1 * torch.randn_like(x)  # seeded per epoch by the loop
         return nn.functional.mse_loss(model(noisy).squeeze(1), y), {}
 
-    cfg = LoopConfig(
-        epochs=epochs,
-        device=torch.device("cpu"),
-        amp=False,
-        clip_grad=1.0,
-        seed=0,
-        checkpoint_path=path / "checkpoint.pt",
-        checkpoint_every=1,
-        log_every=1,
-        live_dir=path / "live",
-        config=config or {"lr": 0.05},
+    cfg = cpu_loop_config(
+        path, epochs, clip_grad=1.0, live_dir=path / "live", config=config or {"lr": 0.05}
     )
     return TrainLoop(model, optimizer, scheduler, step, cfg)
 

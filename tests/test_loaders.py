@@ -14,12 +14,12 @@ from torch.utils.data import Dataset, TensorDataset
 
 from mfm.data.datasets import image_dataset
 from mfm.data.loaders import PerSampleSeeded, make_loader, training_loader
-from mfm.engine import LoopConfig, TrainLoop
+from mfm.engine import TrainLoop
 from mfm.errors import Interrupted
 from mfm.optim import build_optimizer, build_scheduler
 from mfm.prepare import run
 from mfm.seeding import rng_state
-from tests.conftest import save_image
+from tests.conftest import cpu_loop_config, save_image
 
 IMAGES, BATCH, EPOCHS, SIZE = 40, 8, 2, 8
 STEPS = IMAGES // BATCH
@@ -153,16 +153,7 @@ def _fit(
         prediction = model(images.flatten(1).float() / 255).squeeze(1)
         return nn.functional.mse_loss(prediction, labels.float()), {}
 
-    cfg = LoopConfig(
-        epochs=EPOCHS,
-        device=torch.device("cpu"),
-        amp=False,
-        clip_grad=None,
-        seed=0,
-        checkpoint_path=out / "checkpoint.pt",
-        checkpoint_every=1,
-        log_every=1,
-    )
+    cfg = cpu_loop_config(out, EPOCHS)
     loop = TrainLoop(model, optimizer, scheduler, step, cfg)
     loop.fit(lambda epoch, start: training_loader(crops, BATCH, 0, 2, epoch, None, start))
     return [p.detach().clone() for p in model.parameters()]

@@ -8,7 +8,7 @@ uninterrupted single-process run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -93,18 +93,25 @@ def make_loader(
 
     Rebuilding it for a given epoch replays that epoch's order exactly.
     """
-    generator = torch.Generator()
-    generator.manual_seed(seed + epoch)
-    return DataLoader(
+    return _seeded_loader(
         dataset,
+        seed,
+        epoch,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,
         drop_last=drop_last,
-        generator=generator,
-        pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
     )
+
+
+def _seeded_loader(dataset: Dataset, seed: int, epoch: int, **options: Any) -> DataLoader:
+    """A DataLoader whose own generator (the shuffle, the workers' base seeds) starts from
+    ``seed + epoch``: drawing them from it keeps the global torch stream (device-side
+    augmentation) where the training loop left it."""
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return DataLoader(dataset, generator=generator, pin_memory=torch.cuda.is_available(), **options)
 
 
 def training_loader(
@@ -126,18 +133,25 @@ def training_loader(
     local = per_rank_batch(global_batch, here, "batch_size")
     sampler = GlobalBatchShard(len(dataset), global_batch, here, seed, True, start_batch)
     sampler.set_epoch(epoch)
-    # The loader's own generator only gives the workers' base seeds; drawing them from it
-    # keeps the global torch stream (device-side augmentation) where the loop left it.
-    generator = torch.Generator()
-    generator.manual_seed(seed + epoch)
     if not isinstance(dataset, ArrayImages):
         dataset = PerSampleSeeded(dataset, seed, epoch)
-    return DataLoader(
+    return _seeded_loader(
         dataset,
+        seed,
+        epoch,
         batch_size=local,
         sampler=sampler,
         num_workers=workers,
         drop_last=True,
-        generator=generator,
-        pin_memory=torch.cuda.is_available(),
     )
+
+
+def epoch_batches(
+    dataset: Dataset, global_batch: int, seed: int, workers: int, here: World
+) -> Callable[[int, int], DataLoader]:
+    """The ``epoch -> first global batch -> batches`` feed the training loop asks for."""
+
+    def batches(epoch: int, start_batch: int) -> DataLoader:
+        return training_loader(dataset, global_batch, seed, workers, epoch, here, start_batch)
+
+    return batches
