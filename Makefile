@@ -33,7 +33,7 @@ lint: setup
 	snakemake --lint
 
 test: lint
-	python -m pytest -q
+	python -m pytest -q --durations=15
 
 clean-env:
 	rm -rf $(VENV)
