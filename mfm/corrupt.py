@@ -1,8 +1,10 @@
 """The ``corrupt`` stage: an ImageNet-C-style copy of the prepared test split (CIFAR-10-C layout).
 
-The output folder's layout, and reading it back, live in :mod:`mfm.corrupted_set`. Only
-``arrays`` data sets are corrupted here; ImageNet is evaluated on the released ImageNet-C
-JPEGs (``robustness.imagenet_c``), which on-the-fly corruption does not reproduce.
+The output folder's layout, and reading it back, live in :mod:`mfm.corrupted_set`; which
+clean images are corrupted, in :mod:`mfm.clean_subset`: arrays as stored, image folders
+(the user's own photos, ImageNet too) as evaluation's ``data.img_size`` centre crops. For
+ImageNet the released ImageNet-C JPEGs (``robustness.imagenet_c``) stay the reference that
+published numbers use; on-the-fly corruption of the crops does not reproduce them.
 
 Every image is corrupted under its own seed, derived from (runtime.seed, corruption,
 severity, image index), so any image can be rebuilt alone and the output is the same
@@ -11,14 +13,14 @@ whatever the number of worker processes or the chunking.
 Worker processes are started with ``forkserver`` (``spawn`` where that is missing): the
 parent has imported torch and may run tqdm's monitor thread, and forking a process with
 threads is unsafe. This module therefore imports nothing heavy at the top; the data layer
-(torch) is imported inside :func:`run` only, so workers start in about a second. As with
+(torch) comes in through :mod:`mfm.clean_subset`, imported inside :func:`run` only, so
+workers start in about a second. As with
 any such pool, a script that calls :func:`build` or :func:`run` with several workers needs
 an ``if __name__ == "__main__":`` guard (``python -m mfm corrupt`` has one).
 """
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import time
@@ -40,8 +42,6 @@ from mfm.errors import UserError
 from mfm.io import atomic_dir, write_json
 from mfm.paths import CORRUPTED_DIR, PREPARED_DIR
 from mfm.robustness_metrics import IMAGENET_C_CORRUPTIONS, IMAGENET_C_EXTRAS
-
-log = logging.getLogger("mfm.corrupt")
 
 # ImageNet-C's 15 mCE corruptions in the paper's order, then the 4 held-out extras.
 COMMON_CORRUPTIONS = IMAGENET_C_CORRUPTIONS
@@ -292,36 +292,6 @@ def build(
 # --------------------------------------------------------------------------- the stage
 
 
-def _test_arrays(prepared_dir: Path, dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The prepared test split (memory-mapped), or None for image-folder data sets."""
-    from mfm.data.meta import PREPARE_HINT, load_meta
-
-    meta = load_meta(prepared_dir, dataset)
-    if meta.kind != "arrays":
-        return None
-    try:
-        images = np.load(prepared_dir / "test_images.npy", mmap_mode="r")
-        labels = np.load(prepared_dir / "test_labels.npy")
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"{prepared_dir} test arrays are missing or damaged ({err.__class__.__name__}); "
-            f"{PREPARE_HINT.replace('first', 'again')}"
-        ) from None
-    return images, labels
-
-
-def _subset(
-    images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded subset of ``limit`` images (sorted indices), or all of them, in memory."""
-    from mfm.data.subsets import CORRUPT_STREAM, subset_indices
-
-    keep = subset_indices(len(labels), limit, seed, CORRUPT_STREAM)
-    if keep is None:
-        return np.ascontiguousarray(images), labels
-    return np.ascontiguousarray(images[keep]), labels[keep]
-
-
 def _workers(params: Params) -> int:
     """``runtime.workers`` processes, or one per CPU this process may use when it is 0 (a
     SLURM job's allocation, not the whole node)."""
@@ -336,18 +306,11 @@ def run(
     params: Params, prepared_dir: str | Path = PREPARED_DIR, out_dir: str | Path = CORRUPTED_DIR
 ) -> dict[str, Any]:
     """Corrupt a seeded subset of the prepared test split into ``out_dir`` atomically."""
+    from mfm.clean_subset import images_to_corrupt
+
     robustness, seed = params.robustness, params.runtime.seed
-    arrays = _test_arrays(Path(prepared_dir), params.data.dataset)
-    if arrays is None:  # ImageNet-scale folders: the released ImageNet-C is the reference
-        log.info(
-            "corrupt: %s is an image-folder data set, so nothing is corrupted on the fly; "
-            "set robustness.imagenet_c (and _a, _r, _sketch) to score the released benchmarks",
-            params.data.dataset,
-        )
-        images, labels, names = np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), []
-    else:
-        images, labels = _subset(*arrays, robustness.num_images, seed)
-        names = corruption_names(robustness.corruptions)
+    names = corruption_names(robustness.corruptions)
+    images, labels = images_to_corrupt(params, prepared_dir, _workers(params))
     severities = list(robustness.severities)
     num = len(labels)
     workers = min(_workers(params), len(plan_chunks(num, names, severities)))

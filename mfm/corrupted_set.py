@@ -5,6 +5,7 @@ apart from the writer so the reader needs neither the corruption library nor its
 and free of torch like the writer, whose worker processes import it.
 
 Layout of the folder: ``<corruption>.npy`` of shape (S * N, H, W, C) uint8, the N test images
+(arrays at their stored size, image folders as ``data.img_size`` evaluation crops)
 repeated for every severity in ascending blocks of N; ``clean.npy`` (N, H, W, C) uint8, the
 same N images uncorrupted; ``labels.npy`` (N,) int64; ``info.json``.
 """
@@ -84,6 +85,17 @@ def _read_set(out_dir: Path) -> CorruptedSet:
         for name in info["corruptions"]
     }
     return CorruptedSet(info, np.asarray(labels), clean, arrays)
+
+
+def check_crop_size(corrupted: CorruptedSet, img_size: int, out_dir: str | Path) -> None:
+    """An image folder's set holds evaluation's ``data.img_size`` crops, which robustness
+    does not resize again: refuse one cut at another size (params changed since corrupt)."""
+    height, width = corrupted.info["image_size"]
+    if (height, width) != (img_size, img_size):
+        raise UserError(
+            f"{out_dir} holds {height}x{width} crops but data.img_size is {img_size}; "
+            f"{REBUILD_HINT} again"
+        )
 
 
 def load_corrupted(out_dir: str | Path = CORRUPTED_DIR) -> CorruptedSet:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms_factory import transforms_imagenet_eval
 from torch import nn
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms  # the API timm's transforms are built with
 from tqdm import tqdm
 
+from mfm.data.datasets import ImageReadError
 from mfm.data.files import is_hidden, is_image_file
 from mfm.data.loaders import make_loader
 from mfm.errors import UserError
@@ -35,7 +36,8 @@ from mfm.robustness_metrics import (
     ALEXNET_CLEAN_ERROR,
     IMAGENET_C_CORRUPTIONS,
     IMAGENET_C_EXTRAS,
-    alexnet_baseline,
+    alexnet_baseline_for,
+    check_fraction,
     robustness_report,
 )
 
@@ -166,8 +168,27 @@ class WnidFolder(Dataset):
 
     def __getitem__(self, item: int) -> tuple[Any, int]:
         path, label = self.samples[item]
+        return self.transform(_decode_rgb(path)), label
+
+
+def _decode_rgb(path: str) -> Image.Image:
+    """Open and fully decode one benchmark image; a bad file is named with the fix.
+
+    Pillow's own errors (a truncated JPEG's "image file is truncated") name no file. The
+    ``ImageReadError`` survives a DataLoader worker as one line, as in training.
+    """
+    try:
         with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, UnidentifiedImageError):  # its message repeats the path
+            reason = "not an image file"
+        else:
+            reason = " ".join(f"{err.__class__.__name__}: {err}".split())
+        raise ImageReadError(
+            f"cannot read image {path} ({reason}); remove or replace it (or extract the "
+            "benchmark's archive again), then rerun robustness"
+        ) from None
 
 
 def _severity_folders(corruption_dir: Path) -> list[tuple[str, int, Path]]:
@@ -281,20 +302,21 @@ def _evaluate_imagenet_c(
 def _imagenet_c_report(
     errors: Mapping[str, Mapping[int, float]], clean_error: float | None
 ) -> dict[str, Any]:
-    """The robustness report against AlexNet, mCE over the 15 corruptions present."""
+    """The robustness report against AlexNet, mCE over the 15 corruptions present.
+
+    CE is exact for any severities scored (AlexNet's per-severity errors); a held-out
+    corruption scored at fewer than all five severities gets a null CE and a note.
+    """
     names = [name for name in IMAGENET_C_CORRUPTIONS if name in errors]
     if len(names) < len(IMAGENET_C_CORRUPTIONS):
         log.warning("imagenet_c: mCE over %d of the 15 corruptions only", len(names))
     if not names:
         raise UserError("ImageNet-C copy holds only held-out corruptions; add the 15 mCE ones")
-    severities = sorted({s for by_severity in errors.values() for s in by_severity})
+    baseline, notes = alexnet_baseline_for(errors)
+    for name, note in notes.items():
+        log.warning("imagenet_c %s: no CE; %s", name, note)
     return robustness_report(
-        errors,
-        clean_error,
-        alexnet_baseline(severities),
-        ALEXNET_CLEAN_ERROR,
-        "alexnet",
-        names,
+        errors, clean_error, baseline, ALEXNET_CLEAN_ERROR, "alexnet", names, notes
     )
 
 
@@ -314,6 +336,8 @@ def evaluate_benchmarks(
     ImageNet-C gives a robustness report against AlexNet (relative mCE only with the model's
     clean ImageNet ``clean_error``, a fraction); A, R and Sketch give top-1/top-5.
     """
+    if clean_error is not None:  # checked first: scoring can take hours
+        check_fraction(clean_error, "clean_error")
     unknown = sorted(set(paths) - set(BENCHMARKS))
     if unknown:
         raise UserError(f"unknown benchmark(s) {', '.join(unknown)}; use {', '.join(BENCHMARKS)}")

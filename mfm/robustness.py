@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from mfm.config import INITS, Params
-from mfm.corrupted_set import CorruptedSet, load_corrupted
+from mfm.corrupted_set import CorruptedSet, check_crop_size, load_corrupted
 from mfm.data.meta import DatasetMeta, load_meta
 from mfm.device import resolve_device
 from mfm.errors import UserError
@@ -101,8 +101,16 @@ def _benchmarks(
             f"robustness.imagenet_* score ImageNet-1k classifiers, but this one has "
             f"{meta.num_classes} classes ({meta.dataset}); unset them or fine-tune on ImageNet"
         )
+    crop = params.data.img_size  # the classifier's input size; timm's 0.875 crop ratio
     return evaluate_benchmarks(
-        model, paths, cfg.batch_size, device, cfg.severities, params.runtime.workers
+        model,
+        paths,
+        cfg.batch_size,
+        device,
+        cfg.severities,
+        params.runtime.workers,
+        crop=crop,
+        resize=round(crop / 0.875),
     )
 
 
@@ -122,24 +130,32 @@ def run(
     device = resolve_device(params.runtime.device)
     meta = load_meta(prepared_dir, params.data.dataset)
     corrupted = load_corrupted(corrupted_dir)
+    if meta.kind == "manifest":  # evaluation's crops: device_augment only makes them floats
+        check_crop_size(corrupted, params.data.img_size, corrupted_dir)
     names = [n for n in corrupted.info["corruptions"] if n in IMAGENET_C_CORRUPTIONS]
     folders = {init: Path(finetune_dir) for init in INITS}
     if scratch_dir is not None:
         folders["scratch"] = Path(scratch_dir)
     models = {init: _load(folders[init], init, meta, device) for init in INITS}
-    reports = {}
-    if names:  # image-folder data sets have no on-the-fly corrupted set
-        reports = _corrupted_reports(models, corrupted, meta, params, names, Path(out_dir))
-    for init, model in models.items():
+    reports: dict[str, dict[str, Any]] = {}
+    errors: dict[str, SeverityErrors] = {}
+    if names:  # a set built without ImageNet-C corruptions has nothing to normalise
+        reports, errors = _corrupted_reports(models, corrupted, meta, params, names)
+    for init, model in models.items():  # every score before any figure: a failure writes none
         report = reports.setdefault(init, {"init": init, "num_images": 0})
         benchmarks = _benchmarks(model, params, meta, device)
         if benchmarks:
             report["benchmarks"] = benchmarks
-        if not names:
+    for init, report in reports.items():
+        heatmap = Path(out_dir) / init / "heatmap.png"
+        if names:
+            title = f"{meta.dataset}-C error (%), {init} init: mCE {report['mce']:.1f}"
+            error_heatmap(errors[init], heatmap, title)
+        else:
             text_figure(
-                Path(out_dir) / init / "heatmap.png",
-                f"{meta.dataset}: no corrupted test set (image-folder data);\n"
-                "see the benchmarks in metrics/robustness_<init>.json",
+                heatmap,
+                f"{meta.dataset}: the corrupted test set holds no ImageNet-C corruption;\n"
+                "rerun corrupt (dvc repro corrupt)",
             )
     return reports
 
@@ -150,9 +166,9 @@ def _corrupted_reports(
     meta: DatasetMeta,
     params: Params,
     names: list[str],
-    out_dir: Path,
-) -> dict[str, dict[str, Any]]:
-    """Errors, CE, mCE and a heatmap per classifier, normalised by the baseline's errors."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, SeverityErrors]]:
+    """Reports (errors, CE, mCE) and error tables per classifier, normalised by the
+    baseline's errors."""
     cfg, img_size = params.robustness, params.data.img_size
     device = next(next(iter(models.values())).parameters()).device
     scored = {
@@ -167,9 +183,7 @@ def _corrupted_reports(
         report = robustness_report(
             errors, clean, base_errors, base_clean, f"finetune[{cfg.baseline}]", names
         )
-        report = {"init": init, "num_images": corrupted.info["num_images"], **report}
-        title = f"{meta.dataset}-C error (%), {init} init: mCE {report['mce']:.1f}"
-        error_heatmap(errors, out_dir / init / "heatmap.png", title)
+        reports[init] = {"init": init, "num_images": corrupted.info["num_images"], **report}
         log.info(
             "robustness[%s]: clean error %.2f%%, mCE %.1f, relative mCE %s",
             init,
@@ -177,5 +191,4 @@ def _corrupted_reports(
             report["mce"],
             report.get("relative_mce"),
         )
-        reports[init] = report
-    return reports
+    return reports, {init: errors for init, (_, errors) in scored.items()}

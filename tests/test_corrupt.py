@@ -1,5 +1,6 @@
 """The corrupt stage on tiny images: reproducibility, layout, small/grey images, reading the set
-back, errors, run(), and the torch-free imports its workers rely on."""
+back, errors, run(), and the torch-free imports its workers rely on (image folders:
+test_corrupt_imagefolder.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import mfm.corrupt
 from mfm.config import Params
 from mfm.corrupt import build, corrupt_image, corruption_names, image_seed, run, seeded_numpy
 from mfm.corrupted_set import load_corrupted
-from mfm.data.meta import DatasetMeta, save_meta
 from mfm.data.subsets import CORRUPT_STREAM, subset_indices
 from mfm.errors import UserError
 from mfm.prepare import run as prepare
@@ -183,29 +183,6 @@ def test_corruption_names_follow_the_reference():
 
 
 # --------------------------------------------------------------------------- errors
-
-
-def test_manifest_dataset_gets_an_empty_set(tmp_path):
-    meta = DatasetMeta(
-        dataset="imagefolder",
-        kind="manifest",
-        classes=["a", "b"],
-        num_classes=2,
-        channels=3,
-        image_size=None,
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        num_train=2,
-        num_test=2,
-        source="somewhere",
-    )
-    save_meta(meta, tmp_path / "prepared")
-    params = Params.model_validate({"data": {"dataset": "imagefolder"}})
-    metrics = run(params, tmp_path / "prepared", tmp_path / "corrupted")
-    assert metrics["corruptions"] == 0 and metrics["images_written"] == 0
-    empty = load_corrupted(tmp_path / "corrupted")
-    assert empty.info["corruptions"] == [] and len(empty.labels) == 0
-    assert list(empty.items()) == []
 
 
 def test_load_corrupted_missing_or_damaged(built_grey, tmp_path):

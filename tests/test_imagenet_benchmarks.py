@@ -7,6 +7,8 @@ expected score is known by construction.
 
 from __future__ import annotations
 
+import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +32,6 @@ from mfm.imagenet_benchmarks import (
     imagenet_wnids,
     score,
 )
-from mfm.robustness_metrics import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS
 
 CROP, RESIZE = 8, 10
 TENCH, GOLDFISH = "n01440764", "n01443537"  # 1k indices 0 and 1
@@ -174,15 +175,52 @@ def test_imagenet_c_report_end_to_end(tmp_path: Path) -> None:
         "gaussian_noise": {"1": 25.0, "2": 50.0},
         "fog": {"1": 0.0, "2": 100.0},
     }
-    ce = {c: sum(truth[c].values()) / 2 / ALEXNET_ERRORS[c] for c in truth}
-    assert report["ce"] == pytest.approx({c: 100 * v for c, v in ce.items()})
-    assert report["mce"] == pytest.approx(50 * (ce["gaussian_noise"] + ce["fog"]))
+    # AlexNet at severities 1, 2: (0.25 + 0.5) / (0.69528 + 0.82542); 1.0 / (0.67474 + 0.7605)
+    assert report["ce"] == pytest.approx(
+        {"gaussian_noise": 49.31939238508581, "fog": 69.67475822858895}, rel=1e-12
+    )
+    assert report["mce"] == pytest.approx(59.497075306837374, rel=1e-12)
     with_clean = evaluate_benchmarks(
         model, paths, 4, "cpu", [2], crop=CROP, resize=RESIZE, clean_error=0.2
     )["imagenet_c"]
     assert set(with_clean["errors"]["fog"]) == {"2"}
-    relative = [(truth[c][2] - 0.2) / (ALEXNET_ERRORS[c] - ALEXNET_CLEAN_ERROR) for c in truth]
-    assert with_clean["relative_mce"] == pytest.approx(50 * sum(relative))
+    # (0.5 - 0.2) / (0.82542 - 0.43478); (1.0 - 0.2) / (0.7605 - 0.43478)
+    assert with_clean["relative_ce"] == pytest.approx(
+        {"gaussian_noise": 76.79705099324184, "fog": 245.6097261451554}, rel=1e-12
+    )
+    assert with_clean["relative_mce"] == pytest.approx(161.20338856919864, rel=1e-12)
+    assert truth == {"gaussian_noise": {1: 0.25, 2: 0.5}, "fog": {1: 0.0, 2: 1.0}}
+
+
+def test_imagenet_c_copy_missing_severity_folders(tmp_path: Path) -> None:
+    write_imagenet_c(tmp_path, grouped=False)
+    shutil.rmtree(tmp_path / "fog" / "1")  # fog at severity 2 only
+    for severity in (1, 2):  # a held-out corruption at two of its five severities
+        write_class(tmp_path / "spatter" / str(severity) / TENCH, [0, 9])
+    model = MarkerClassifier(range(1000))
+    report = evaluate_benchmarks(
+        model, {"imagenet_c": tmp_path}, 4, "cpu", crop=CROP, resize=RESIZE
+    )["imagenet_c"]
+    assert report["errors"] == {
+        "gaussian_noise": {"1": 25.0, "2": 50.0},
+        "fog": {"2": 100.0},
+        "spatter": {"1": 50.0, "2": 50.0},
+    }
+    # (0.25 + 0.5) / (0.69528 + 0.82542) and 1.0 / 0.7605; the means gave 82.18 mCE
+    assert report["ce"].pop("spatter") is None
+    assert report["ce"] == pytest.approx(
+        {"gaussian_noise": 49.31939238508581, "fog": 131.4924391847469}, rel=1e-12
+    )
+    assert report["mce"] == pytest.approx(90.40591578491635, rel=1e-12)
+    assert report["mce_corruptions"] == ["gaussian_noise", "fog"]
+    assert set(report["notes"]) == {"spatter"} and "[1, 2]" in report["notes"]["spatter"]
+
+
+@pytest.mark.parametrize("clean", [25.0, 1.5, -0.01])
+def test_clean_error_in_percent_is_refused_before_scoring(tmp_path: Path, clean: float) -> None:
+    paths = {"imagenet_c": tmp_path / "not-read"}  # refused before the root is even looked at
+    with pytest.raises(UserError, match=r"clean_error = .* not in \[0, 1\]"):
+        evaluate_benchmarks(MarkerClassifier([]), paths, 2, "cpu", clean_error=clean)
 
 
 def test_imagenet_a_slices_to_its_200_classes(tmp_path: Path) -> None:
@@ -226,6 +264,26 @@ def test_unknown_wnids_are_user_errors(tmp_path: Path) -> None:
     write_class(tmp_path / "a2" / TENCH, [0])  # a real wnid, but not one of A's 200
     with pytest.raises(UserError, match=TENCH):
         evaluate_benchmarks(model, {"imagenet_a": tmp_path / "a2"}, 2, "cpu", crop=CROP)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_images_are_named(tmp_path: Path, workers: int) -> None:
+    write_class(tmp_path / "s" / TENCH, [0, 0])
+    bad = tmp_path / "s" / TENCH / "cut.jpg"
+    photo(bad, (64, 48), seed=1)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # cut mid-scan: Pillow's error names no file
+    paths = {"imagenet_sketch": tmp_path / "s"}
+    with pytest.raises(
+        UserError,
+        match=f"cannot read image {re.escape(str(bad))} .*image file is truncated.*remove or",
+    ):
+        evaluate_benchmarks(MarkerClassifier([]), paths, 2, "cpu", workers=workers, crop=CROP)
+    bad.write_text("not a JPEG at all")
+    with pytest.raises(
+        UserError, match=f"cannot read image {re.escape(str(bad))} \\(not an image file\\)"
+    ):
+        evaluate_benchmarks(MarkerClassifier([]), paths, 2, "cpu", workers=workers, crop=CROP)
 
 
 def test_bad_roots_and_heads_are_user_errors(tmp_path: Path) -> None:

@@ -4,10 +4,14 @@
 rule corrupt:
     input:
         "data/prepared",
+        "mfm/clean_subset.py",
         "mfm/config.py",
         "mfm/corrupt.py",
         "mfm/corrupted_set.py",
+        "mfm/data/datasets.py",
         "mfm/data/meta.py",
+        "mfm/data/prepared.py",
+        "mfm/data/sources/common.py",
         "mfm/data/subsets.py",
         "mfm/errors.py",
         "mfm/io.py",
@@ -21,6 +25,7 @@ rule corrupt:
     conda:
         "../envs/mfm.yaml"
     params:
+        data={"img_size": config["data"]["img_size"]},
         robustness={
             key: config["robustness"][key]
             for key in ("num_images", "corruptions", "severities")
