@@ -30,7 +30,7 @@ STAGES = {
     "corrupt": "ImageNet-C-style corruptions of the test split (CIFAR-10-C layout), built once",
     "robustness": "every classifier on the corrupted test set: errors, mCE, relative mCE",
     "export": "the fine-tuned classifier as ONNX, checked against torch on test images",
-    "study": "collect the pretext study into a table, a bar chart and metrics/study.json",
+    "study": "collect the study (variants x seeds) into tables, a chart and metrics/study.json",
 }
 # Stages whose results can go under another folder (--out), e.g. one per pretext in the study.
 RELOCATABLE = ("pretrain", "linprobe", "finetune", "robustness", "export")
@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 metavar="DIR",
                 help="put this run's results and metrics under DIR (default: results/, metrics/)",
+            )
+            stage.add_argument(
+                "--variant",
+                dest="study_variant",
+                default=None,
+                metavar="NAME",
+                help="apply params.yaml's study.variants.NAME overrides first (-S still wins)",
             )
         if name == "robustness":
             stage.add_argument(
@@ -128,10 +135,11 @@ def run_stage(
     variant: dict[str, str] | None = None,
     out: str | None = None,
     scratch_from: str | None = None,
+    study_variant: str | None = None,
 ) -> dict:
     """Validate params, run the stage, store its metrics; returns the metrics."""
     variant = variant or {}
-    params = load_params(params_file, overrides)
+    params = load_params(params_file, overrides, study_variant)
     dirs = RunDirs(Path(out) if out else None)
     kwargs: dict[str, Any] = {**variant, **dirs.stage_kwargs(stage)}
     if scratch_from:
@@ -210,7 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             variant = {name: getattr(args, name) for name in VARIANTS.get(args.stage, {})}
             out, scratch_from = getattr(args, "out", None), getattr(args, "scratch_from", None)
-            metrics = run_stage(args.stage, args.params, args.overrides, variant, out, scratch_from)
+            metrics = run_stage(
+                args.stage,
+                args.params,
+                args.overrides,
+                variant,
+                out,
+                scratch_from,
+                getattr(args, "study_variant", None),
+            )
     except UserError as err:
         print(f"mfm {args.stage}: error: {err}", file=sys.stderr)
         return 2

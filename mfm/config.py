@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -28,7 +30,7 @@ from mfm.errors import UserError
 PARAMS_FILE = "params.yaml"
 
 DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagefolder"]
-PretextName = Literal["mfm", "sr", "deblur", "denoise"]
+PretextName = Literal["mfm", "sr", "deblur", "denoise", "mim"]
 # How a classifier starts: from the pretrained encoder, or from random init (the baseline).
 InitName = Literal["mfm", "scratch"]
 INITS: tuple[str, ...] = get_args(InitName)
@@ -129,8 +131,26 @@ class DenoiseParams(StrictModel):
     sigma: float = Field(75 / 255, gt=0.0, description="Noise std on the [0, 1] scale.")
 
 
+class MIMParams(StrictModel):
+    """The spatial-masking baseline (SimMIM): square patches of the image hidden at random.
+
+    SimMIM masks 32 px patches at ratio 0.6 on 224 px images; scaled to the default 32 px
+    images that is 32 / 224 * 32 = 4.6 px, so the default is 4 px: the nearest multiple of
+    the default ViT's 4 px patches (one mask patch per token) that divides the image. The
+    224 px presets set SimMIM's 32 px. A ViT's mask patch must be a multiple of its patch
+    size and ``data.img_size`` a multiple of the mask patch (checked when pretrain starts).
+    """
+
+    mask_patch_size: int = Field(
+        4, ge=1, description="Side of a mask patch in pixels (SimMIM: 32 at 224 px)."
+    )
+    mask_ratio: float = Field(
+        0.6, gt=0.0, lt=1.0, description="Fraction of mask patches hidden in every image."
+    )
+
+
 class PretrainParams(StrictModel):
-    """MFM (or restoration) pretraining recipe."""
+    """MFM (or a restoration or spatial-masking baseline) pretraining recipe."""
 
     pretext: PretextName = "mfm"
     epochs: int = Field(4, ge=1)
@@ -149,6 +169,7 @@ class PretrainParams(StrictModel):
     sr: SRParams = Field(default_factory=SRParams)
     deblur: DeblurParams = Field(default_factory=DeblurParams)
     denoise: DenoiseParams = Field(default_factory=DenoiseParams)
+    mim: MIMParams = Field(default_factory=MIMParams)
 
 
 class LinprobeParams(StrictModel):
@@ -167,6 +188,16 @@ class LinprobeParams(StrictModel):
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0.0)
     batch_size: int = Field(256, ge=1, description="Images per feature-extraction batch.")
+    pixel_size: int | None = Field(
+        32,
+        ge=1,
+        description=(
+            "Side the raw-pixel reference probe area-averages larger images down to before "
+            "flattening (never up); null = data.img_size. 32 keeps the default 32 px run at "
+            "full resolution and a 224 px RGB one at 3,072 values (CIFAR's size) instead of "
+            "150k, which the logistic C sweep and k-NN could not handle in memory or time."
+        ),
+    )
 
     @field_validator("c_grid")
     @classmethod
@@ -273,6 +304,65 @@ class RuntimeParams(StrictModel):
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
 
 
+VARIANT_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+STUDY_BASELINE = "scratch"  # the per-seed scratch classifier's run folder; no variant's name
+# What a study variant may not change: the data, corrupted set and seeds all variants share.
+SHARED_BY_VARIANTS = ("data", "robustness", "runtime.seed", "study")
+
+
+def _default_variants() -> dict[str, dict[str, Any]]:
+    return {name: {"pretrain.pretext": name} for name in ("mfm", "sr", "deblur", "denoise", "mim")}
+
+
+class StudyParams(StrictModel):
+    """The study: every named variant x seed through pretrain -> linprobe -> finetune ->
+    robustness, with a scratch classifier per seed, summarised as mean +- std and
+    seed-paired differences."""
+
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=_default_variants,
+        min_length=1,
+        description="name -> overrides of params.yaml as with -S (dotted keys).",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names_and_keys(cls, value: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        for name, overrides in value.items():
+            if not re.fullmatch(VARIANT_NAME, name) or name == STUDY_BASELINE:
+                raise ValueError(
+                    f"variant name {name!r} must be letters, digits, '_' or '-' (starting with "
+                    f"a letter) and not {STUDY_BASELINE!r}"
+                )
+            if not isinstance(overrides, dict):
+                raise ValueError(f"variant {name!r} must map dotted keys to values")
+            for key in overrides:
+                if any(key == fixed or key.startswith(f"{fixed}.") for fixed in SHARED_BY_VARIANTS):
+                    raise ValueError(
+                        f"variant {name!r} sets {key}, which all variants share "
+                        f"({', '.join(SHARED_BY_VARIANTS)}); change it for the whole study instead"
+                    )
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError("seeds must be distinct integers >= 0")
+        return value
+
+
+def variant_overrides(study: StudyParams, name: str) -> list[str]:
+    """A variant's overrides as ``-S`` items (values as JSON, which YAML reads back)."""
+    if name not in study.variants:
+        raise UserError(
+            f"unknown study variant {name!r}; params.yaml study.variants has "
+            f"{', '.join(study.variants)}"
+        )
+    return [f"{key}={json.dumps(value)}" for key, value in study.variants[name].items()]
+
+
 class Params(StrictModel):
     data: DataParams = Field(default_factory=DataParams)
     model: ModelParams = Field(default_factory=ModelParams)
@@ -282,6 +372,7 @@ class Params(StrictModel):
     robustness: RobustnessParams = Field(default_factory=RobustnessParams)
     export: ExportParams = Field(default_factory=ExportParams)
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
+    study: StudyParams = Field(default_factory=StudyParams)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -362,17 +453,32 @@ def validate_params(
     """Validate a params mapping; the Snakefile calls this too, so both engines agree.
 
     A bad key that came from ``overrides`` is blamed on that ``-S`` option, not on ``source``.
+    Every study variant is validated too (its overrides applied), so a typo in one fails
+    before any run starts.
     """
+    params = _validated(raw or {}, source, overrides)
+    for name in params.study.variants:
+        where = f"{source} study.variants.{name}"
+        _validated(apply_overrides(raw or {}, variant_overrides(params.study, name)), where)
+    return params
+
+
+def _validated(raw: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> Params:
     try:
-        return Params.model_validate(raw or {})
+        return Params.model_validate(raw)
     except ValidationError as err:
         item = _override_of(err, overrides)
         where = f"-S {item}" if item else source
         raise UserError(describe_validation_error(err, where)) from None
 
 
-def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
-    """Read ``params.yaml``, apply ``-S`` overrides and validate."""
+def load_params(
+    path: str | Path = PARAMS_FILE,
+    overrides: list[str] | None = None,
+    variant: str | None = None,
+) -> Params:
+    """Read ``params.yaml``, apply a study ``variant``'s overrides, then ``-S`` overrides, and
+    validate."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found; run from the project root or pass --params PATH")
@@ -384,4 +490,7 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a mapping of sections (data, model, pretrain, runtime)")
     overrides = overrides or []
+    if variant is not None:
+        study = validate_params(raw, str(path)).study
+        overrides = [*variant_overrides(study, variant), *overrides]
     return validate_params(apply_overrides(raw, overrides), str(path), overrides)

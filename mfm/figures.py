@@ -38,13 +38,15 @@ def reconstruction_figure(
     predictions: torch.Tensor,
     path: str | Path,
     title: str,
+    mask_title: str = "kept frequencies",
 ) -> None:
-    """One row per image: image, its spectrum, the kept-frequency mask, input, prediction.
+    """One row per image: image, its spectrum, the mask (kept frequencies, or kept pixels for
+    the spatial baseline), input, prediction.
 
-    ``predictions`` should be the model's missing bins completed with the kept ones, since
-    the loss never scores the bins the input already has.
+    ``predictions`` should be the model's missing bins (or pixels) completed with the kept
+    ones, since the loss never scores what the input already has.
     """
-    columns = ["image", "log spectrum", "kept frequencies", "corrupted input", "reconstruction"]
+    columns = ["image", "log spectrum", mask_title, "corrupted input", "reconstruction"]
     spectra = log_spectrum(images).cpu()
     rows = images.shape[0]
     fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows))
@@ -66,9 +68,7 @@ def reconstruction_figure(
                 axis.set_title(columns[col], fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def text_figure(path: str | Path, text: str) -> None:
@@ -76,9 +76,7 @@ def text_figure(path: str | Path, text: str) -> None:
     fig, axis = plt.subplots(figsize=(6, 1.6))
     axis.axis("off")
     axis.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, wrap=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def error_heatmap(errors: Mapping[str, Mapping[int, float]], path: str | Path, title: str) -> None:
@@ -100,9 +98,7 @@ def error_heatmap(errors: Mapping[str, Mapping[int, float]], path: str | Path, t
     axis.set_title(title, fontsize=10)
     fig.colorbar(image, ax=axis, label="error %")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _annotate(axis: Any, table: np.ndarray) -> None:
@@ -111,3 +107,10 @@ def _annotate(axis: Any, table: np.ndarray) -> None:
         if np.isfinite(value):
             colour = "black" if value > 60 else "white"
             axis.text(col, row, f"{value:.1f}", ha="center", va="center", color=colour, fontsize=8)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Write ``fig`` as a PNG atomically (a reader never sees half a file) and free it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)

@@ -1,9 +1,11 @@
-"""The corruptions (pretexts) as kornia augmentations: MFM's frequency mask and three restorations.
+"""The corruptions (pretexts) as kornia augmentations: MFM's frequency mask, three restorations
+and SimMIM's spatial patch mask (the baseline that hides pixels instead of frequencies).
 
 Every corruption works on batched un-normalised images in [0, 1], always fires (``p=1``), draws
 its random choices from torch's global RNG (so ``torch.manual_seed`` reproduces a batch) and
-offers the same ``corrupt(x) -> (x', mask | None)`` call, where ``mask`` is the centred-spectrum
-mask the loss needs for MFM and ``None`` (loss over all bins) for the restoration pretexts.
+offers the same ``corrupt(x) -> (x', mask | None)`` call, where ``mask`` is 1 where the input
+kept the content: the centred-spectrum mask the loss needs for MFM, the pixel mask for the
+spatial baseline, and ``None`` (loss over all bins) for the restoration pretexts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from kornia.augmentation import IntensityAugmentationBase2D
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
-from mfm.config import DeblurParams, DenoiseParams, MaskParams, PretrainParams, SRParams
+from mfm.config import (
+    DeblurParams,
+    DenoiseParams,
+    MaskParams,
+    MIMParams,
+    PretrainParams,
+    SRParams,
+)
+from mfm.spatial_mask import grid_to_pixels, random_patch_grid
 
 RadiusUnit = Literal["bins", "fraction"]
 SPATIAL_DIMS = (-2, -1)  # the (H, W) axes every FFT, shift and mask here works on
@@ -80,14 +90,17 @@ class Corruption(IntensityAugmentationBase2D):
 
     def __init__(self) -> None:
         super().__init__(p=1.0)
+        self.last_mask: Tensor | None = None  # set by masking pretexts in apply_transform
 
     def generate_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, Tensor]:
         """Nothing random by default."""
         return {}
 
     def corrupt(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Corrupt a batch; restoration pretexts have no mask, so the loss covers all bins."""
-        return self.full_precision(x), None
+        """Corrupt a batch; return it with the (B, 1, H, W) mask that was applied (1 = kept
+        bin or pixel), or None for restoration pretexts, whose loss covers all bins."""
+        out = self.full_precision(x)
+        return out, self.last_mask
 
     def full_precision(self, x: Tensor) -> Tensor:
         """Apply in float32 even inside an autocast region: the corruption defines the target
@@ -120,7 +133,6 @@ class RandomFrequencyMask(Corruption):
         self.radius_unit = radius_unit
         self.p_low = p_low
         self.clamp = clamp
-        self.last_mask: Tensor | None = None
 
     @classmethod
     def from_params(cls, params: MaskParams) -> RandomFrequencyMask:
@@ -154,11 +166,6 @@ class RandomFrequencyMask(Corruption):
         self.last_mask = mask
         out = filter_spectrum(input, mask)
         return out.clamp(0.0, 1.0) if self.clamp else out
-
-    def corrupt(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Filtered batch and the (B, 1, H, W) mask that was applied (1 = kept bin)."""
-        out = self.full_precision(x)
-        return out, self.last_mask
 
 
 class RandomSuperResolution(Corruption):
@@ -251,17 +258,65 @@ class RandomGaussianNoise(Corruption):
         return input + self.sigma * torch.randn_like(input)
 
 
+class RandomPatchMask(Corruption):
+    """SimMIM's baseline: per image, exactly ``round(ratio * patches)`` square patches set to 0.
+
+    The zeros only show what was hidden: the model gets the kept-pixel mask too and hides
+    those patches from its encoder itself (a ViT's mask token, a CNN's zeroed input).
+    """
+
+    def __init__(self, mask_patch_size: int = 4, mask_ratio: float = 0.6) -> None:
+        super().__init__()
+        if mask_patch_size < 1 or not 0.0 < mask_ratio < 1.0:
+            raise ValueError(
+                f"need mask_patch_size >= 1 and 0 < mask_ratio < 1, got {mask_patch_size}, "
+                f"{mask_ratio}"
+            )
+        self.mask_patch_size = int(mask_patch_size)
+        self.mask_ratio = float(mask_ratio)
+
+    @classmethod
+    def from_params(cls, params: MIMParams) -> RandomPatchMask:
+        return cls(params.mask_patch_size, params.mask_ratio)
+
+    def generate_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, Tensor]:
+        """The hidden patches of each image, (B, H / patch, W / patch) bool."""
+        height, width = batch_shape[-2:]
+        size = self.mask_patch_size
+        if height % size or width % size:
+            raise ValueError(f"a {height}x{width} image does not split into {size} px patches")
+        return {
+            "hidden": random_patch_grid(
+                batch_shape[0], (height // size, width // size), self.mask_ratio
+            )
+        }
+
+    def apply_transform(
+        self,
+        input: Tensor,
+        params: dict[str, Tensor],
+        flags: dict[str, Any],
+        transform: Tensor | None = None,
+    ) -> Tensor:
+        hidden = grid_to_pixels(params["hidden"].to(input.device), self.mask_patch_size)
+        kept = (~hidden).to(input.dtype)
+        self.last_mask = kept
+        return input * kept
+
+
 PRETEXTS: dict[str, type[Corruption]] = {
     "mfm": RandomFrequencyMask,
     "sr": RandomSuperResolution,
     "deblur": RandomGaussianDeblur,
     "denoise": RandomGaussianNoise,
+    "mim": RandomPatchMask,
 }
-_SECTIONS = {"mfm": "mask", "sr": "sr", "deblur": "deblur", "denoise": "denoise"}
+_SECTIONS = {"mfm": "mask", "sr": "sr", "deblur": "deblur", "denoise": "denoise", "mim": "mim"}
 
 
 def uses_mask(pretext: str) -> bool:
-    """Whether the loss is restricted to masked bins (MFM) rather than all bins."""
+    """Whether the frequency loss is restricted to masked bins (MFM) rather than all bins (the
+    spatial baseline scores masked pixels instead, with ``mfm.losses.MaskedPixelLoss``)."""
     if pretext not in PRETEXTS:
         raise ValueError(f"unknown pretext {pretext!r}; choose one of {sorted(PRETEXTS)}")
     return pretext == "mfm"

@@ -6,6 +6,9 @@ two probes then score those features: a logistic regression whose C is picked on
 training images, and the weighted k-NN used in SSL papers. The difference between the two
 encoders is what pretraining bought. Features are what the model's own timm head pools; for
 the ViT family ``linprobe.pool`` picks timm's pool type (mean: 'avg', cls: 'token').
+
+The same probes also run on raw pixels (the evaluation-preprocessed images, area-resized to
+at most ``linprobe.pixel_size`` and flattened): where "no encoder at all" stands.
 """
 
 from __future__ import annotations
@@ -61,44 +64,75 @@ def select_pool(encoder: Encoder, pool: str) -> None:
     backbone.reset_classifier(0, TIMM_POOL[pool])
 
 
+class EncoderFeatures(nn.Module):
+    """An encoder's pooled features: what its timm head pools (``pool`` picks it for ViTs)."""
+
+    def __init__(self, encoder: Encoder, pool: str) -> None:
+        super().__init__()
+        select_pool(encoder, pool)
+        self.encoder = encoder
+        self.num_features = encoder.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.pooled_features(images)
+
+
+class PixelFeatures(nn.Module):
+    """Raw pixels: the preprocessed images, area-averaged down to ``size`` px when they are
+    larger (box filter, so no aliasing; never upsampled), flattened to C * side**2 values.
+
+    ``size`` None keeps ``img_size``. Area resizing is linear with weights summing to one, so
+    it commutes with the per-channel standardisation that comes before it.
+    """
+
+    def __init__(self, channels: int, img_size: int, size: int | None) -> None:
+        super().__init__()
+        self.side = img_size if size is None else min(size, img_size)
+        self.num_features = channels * self.side**2
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.side, self.side):
+            images = nn.functional.interpolate(images, size=(self.side, self.side), mode="area")
+        return images.flatten(1)
+
+
 def extract_features(
-    encoder: Encoder,
+    features: EncoderFeatures | PixelFeatures,
     dataset: Dataset,
     meta: DatasetMeta,
     img_size: int,
-    pool: str,
     batch_size: int,
     device: torch.device | str,
     workers: int = 0,
     desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen features (N, D) float32 and labels (N,) int64 of ``dataset``, in its order."""
-    select_pool(encoder, pool)
-    encoder = encoder.to(device).eval()  # outside inference mode: weights stay normal tensors
+    """``features`` (N, D) float32 of ``dataset``'s images as evaluation preprocesses them
+    (resized to ``img_size``, standardised), and labels (N,) int64, in its order."""
+    features = features.to(device).eval()  # outside inference mode: weights stay normal tensors
     prepare = nn.Sequential(device_augment(meta, img_size, train=False), normalizer(meta))
     loader = make_loader(
         dataset, batch_size, shuffle=False, seed=0, workers=workers, drop_last=False
     )
     batches = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
-    return _embed(encoder, prepare.to(device), batches, device)
+    return _embed(features, prepare.to(device), batches, device)
 
 
 @torch.inference_mode()
 def _embed(
-    encoder: Encoder,
+    features: EncoderFeatures | PixelFeatures,
     prepare: nn.Module,
     batches: Any,
     device: torch.device | str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled features of every (uint8 images, labels) batch, gathered on the CPU."""
-    features, labels = [], []
+    """Features of every (uint8 images, labels) batch, gathered on the CPU."""
+    vectors, labels = [], []
     for images, targets in batches:
-        pooled = encoder.pooled_features(prepare(images.to(device, non_blocking=True)))
-        features.append(pooled.float().cpu().numpy())
+        batch = features(prepare(images.to(device, non_blocking=True)))
+        vectors.append(batch.float().cpu().numpy())
         labels.append(np.asarray(targets, dtype=np.int64))
-    if not features:
-        return np.zeros((0, encoder.num_features), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(features).astype(np.float32), np.concatenate(labels)
+    if not vectors:
+        return np.zeros((0, features.num_features), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(vectors).astype(np.float32), np.concatenate(labels)
 
 
 # --------------------------------------------------------------------------- logistic probe
@@ -275,8 +309,8 @@ def train_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     return Subset(dataset, keep.tolist())
 
 
-def probe_encoder(
-    encoder: Encoder,
+def probe(
+    features: EncoderFeatures | PixelFeatures,
     name: str,
     train_set: Dataset,
     test_set: Dataset,
@@ -284,18 +318,17 @@ def probe_encoder(
     params: Params,
     device: torch.device,
 ) -> tuple[dict[str, float], int]:
-    """Both probes on one encoder's features; returns its metrics and the feature size."""
+    """Both probes on one feature function's output; returns its metrics and feature size."""
     cfg: LinprobeParams = params.linprobe
     common = {
         "meta": meta,
         "img_size": params.data.img_size,
-        "pool": cfg.pool,
         "batch_size": cfg.batch_size,
         "device": device,
         "workers": params.runtime.workers,
     }
-    train_x, train_y = extract_features(encoder, train_set, desc=f"{name} train", **common)
-    test_x, test_y = extract_features(encoder, test_set, desc=f"{name} test", **common)
+    train_x, train_y = extract_features(features, train_set, desc=f"{name} train", **common)
+    test_x, test_y = extract_features(features, test_set, desc=f"{name} test", **common)
     logistic = fit_logistic(
         train_x,
         train_y,
@@ -326,7 +359,8 @@ def run(
     prepared_dir: str | Path = PREPARED_DIR,
     pretrain_dir: str | Path = PRETRAIN_DIR,
 ) -> dict[str, Any]:
-    """Probe the pretrained and a random encoder; returns ``metrics/linprobe.json``."""
+    """Probe the pretrained and a random encoder, and raw pixels as the no-encoder reference;
+    returns ``metrics/linprobe.json``."""
     prepared_dir, pretrain_dir = Path(prepared_dir), Path(pretrain_dir)
     seed, img_size = params.runtime.seed, params.data.img_size
     torch.manual_seed(seed)
@@ -349,12 +383,16 @@ def run(
         params.linprobe.pool,
         device,
     )
+    pool = params.linprobe.pool
+    runs: dict[str, EncoderFeatures | PixelFeatures] = {
+        "pretrained": EncoderFeatures(pretrained, pool),
+        "random": EncoderFeatures(random_init, pool),
+        "pixels": PixelFeatures(meta.channels, img_size, params.linprobe.pixel_size),
+    }
     scores: dict[str, dict[str, float]] = {}
-    feature_dim = 0
-    for name, encoder in (("pretrained", pretrained), ("random", random_init)):
-        scores[name], feature_dim = probe_encoder(
-            encoder, name, train_set, test_set, meta, params, device
-        )
+    dims: dict[str, int] = {}
+    for name, features in runs.items():
+        scores[name], dims[name] = probe(features, name, train_set, test_set, meta, params, device)
     gain = {
         key: scores["pretrained"][key] - scores["random"][key]
         for key in ("logreg_top1", "knn_top1")
@@ -363,7 +401,8 @@ def run(
         "pool": params.linprobe.pool,
         "train_images": len(train_set),
         "test_images": len(test_set),
-        "feature_dim": feature_dim,
+        "feature_dim": dims["pretrained"],
+        "pixel_dim": dims["pixels"],
         **scores,
         "gain": gain,
     }

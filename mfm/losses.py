@@ -1,11 +1,12 @@
-"""The frequency loss MFM trains with: a focal-frequency-loss variant on the centred spectrum."""
+"""The pretraining losses: MFM's focal-frequency-loss variant on the centred spectrum, and the
+L1 on hidden pixels that the spatial-masking baseline (SimMIM) trains with."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from mfm.config import LossParams
+from mfm.config import LossParams, PretrainParams
 from mfm.frequency import SPATIAL_DIMS
 
 
@@ -89,3 +90,24 @@ class FrequencyLoss(nn.Module):
         hidden = (1.0 - centred).expand_as(loss)
         # Nothing hidden means a zero numerator: the clamp returns 0 and keeps the graph.
         return (loss * hidden).sum() / hidden.sum().clamp_min(1e-12)
+
+
+class MaskedPixelLoss(nn.Module):
+    """SimMIM's loss: mean ``|pred - target|`` over the hidden pixels and every channel.
+
+    Scoring only what the input hid is what makes masking a pretext; the visible pixels
+    would be copied for free. The ``mask`` is the corruption's (1 = kept pixel).
+    """
+
+    def forward(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """Float32 scalar; a mask that hides nothing gives 0 (and keeps the graph)."""
+        error = (pred.float() - target.float()).abs()
+        hidden = (1.0 - _as_4d(mask).to(error)).expand_as(error)
+        return (error * hidden).sum() / hidden.sum().clamp_min(1e-12)
+
+
+def build_loss(pretrain: PretrainParams) -> nn.Module:
+    """The loss for ``pretrain.pretext``: pixels for the spatial baseline, else frequencies."""
+    if pretrain.pretext == "mim":
+        return MaskedPixelLoss()
+    return FrequencyLoss.from_params(pretrain.loss)

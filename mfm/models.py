@@ -3,10 +3,10 @@
 Any timm model works as an encoder: features come through timm's own API, so tokens (ViT),
 NCHW maps (CNNs) and NHWC maps (Swin) all reach the head as one NCHW map. ViTs keep their
 own cls token and position embedding and see the whole (filtered) image: MFM has no mask
-tokens. Models that take an ``output_stride`` (dilated CNNs) get a smaller one on small
-images so their last feature map stays at least 4x4 instead of collapsing to 1x1. The head
-is the paper's: a 1x1 conv to ``stride**2 * C`` channels and a PixelShuffle back to image
-size, no decoder blocks.
+tokens (only ``MaskedImageModel``, the spatial-masking baseline's wrapper, has one). Models
+that take an ``output_stride`` (dilated CNNs) get a smaller one on small images so their last
+feature map stays at least 4x4 instead of collapsing to 1x1. The head is the paper's: a 1x1
+conv to ``stride**2 * C`` channels and a PixelShuffle back to image size, no decoder blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mfm.config import ModelParams
@@ -96,6 +98,73 @@ class MFMModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_encoder(x))
+
+
+def takes_mask_token(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` is built from timm's ViT pieces (patch embedding, position
+    embedding, blocks), so a mask token can stand in for a patch's embedding."""
+    return isinstance(backbone, VisionTransformer)
+
+
+def encoder_patch_size(encoder: Encoder) -> int | None:
+    """The side of a patch-embedding model's square patches; None for CNNs."""
+    if not encoder.is_vit:
+        return None
+    return int(encoder.backbone.patch_embed.patch_size[0])
+
+
+class MaskedImageModel(MFMModel):
+    """Encoder + pixel head for the SimMIM baseline: hidden patches never reach the encoder.
+
+    A ViT's hidden patches have their embedding replaced by a learnable mask token before the
+    position embedding is added (SimMIM); other encoders get the hidden pixels zeroed. The
+    token lives here, not in the encoder, so the saved encoder is the plain timm backbone
+    that linprobe and finetune load. ``kept`` is the corruption's (B, 1, H, W) mask, 1 where
+    the pixel is visible.
+    """
+
+    def __init__(self, encoder: Encoder, in_chans: int) -> None:
+        super().__init__(encoder, in_chans)
+        self.mask_token: nn.Parameter | None = None
+        if takes_mask_token(encoder.backbone):
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.backbone.embed_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Read by timm's optimiser factory: the mask token is not decayed (as in SimMIM)."""
+        return {"mask_token"} if self.mask_token is not None else set()
+
+    def forward_encoder(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        if kept is None:
+            return self.encoder.feature_map(x)
+        if self.mask_token is None:
+            return self.encoder.feature_map(x * kept.to(x.dtype))
+        return self._token_masked_map(x, kept)
+
+    def forward(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.forward_encoder(x, kept))
+
+    def _token_masked_map(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_intermediates(indices=1, norm=True)`` map with the hidden patches'
+        embeddings swapped for the mask token right after the patch embedding."""
+        vit = self.encoder.backbone
+        tokens = vit.patch_embed(x)  # (B, N, D), or (B, h, w, D) with dynamic_img_size
+        # Masks come aligned to whole patches (checked), so a patch is hidden or it is not.
+        hidden = F.max_pool2d(1.0 - kept.float(), vit.patch_embed.patch_size)
+        hidden = hidden.to(tokens.dtype).reshape(*tokens.shape[:-1], 1)
+        tokens = tokens * (1.0 - hidden) + self.mask_token.to(tokens.dtype) * hidden
+        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(tokens)))
+        tokens = vit.norm(vit.blocks(tokens))[:, vit.num_prefix_tokens :]
+        height, width = vit.patch_embed.dynamic_feat_size(x.shape[-2:])
+        return tokens.reshape(x.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def pretext_model(encoder: Encoder, in_chans: int, pretext: str) -> MFMModel:
+    """The pretraining wrapper ``pretext`` needs: the spatial baseline hides patches from the
+    encoder itself; every other pretext feeds it the whole corrupted image."""
+    if pretext == "mim":
+        return MaskedImageModel(encoder, in_chans)
+    return MFMModel(encoder, in_chans)
 
 
 def _create_backbone(spec: dict[str, Any]) -> nn.Module:

@@ -16,6 +16,12 @@ METRICS_DIR = Path("metrics")
 
 
 STUDY_DIR = Path("results/study")
+STUDY_RUNS_DIR = STUDY_DIR / "runs"  # one folder per variant x seed, and scratch per seed
+
+
+def study_run_dir(name: str, seed: int, runs_dir: Path = STUDY_RUNS_DIR) -> Path:
+    """``results/study/runs/<variant or scratch>/seed<k>``: one study run's results root."""
+    return runs_dir / name / f"seed{seed}"
 
 
 def metrics_file(stage: str, *variant: str, metrics_dir: Path = METRICS_DIR) -> Path:

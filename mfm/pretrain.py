@@ -1,8 +1,9 @@
-"""The pretrain stage: MFM (or a restoration pretext) on the prepared training images.
+"""The pretrain stage: MFM (or a restoration or spatial-masking pretext) on the training images.
 
-A step: batched crop + flip on the device, corrupt (frequency mask, SR, blur or noise),
-normalise, predict the clean image, and score the prediction in frequency space. Writes
-the encoder weights, a resumable checkpoint, dvclive curves and a reconstruction figure.
+A step: batched crop + flip on the device, corrupt (frequency mask, SR, blur, noise or hidden
+patches), normalise, predict the clean image, and score the prediction in frequency space (or,
+for the SimMIM baseline, on the hidden pixels). Writes the encoder weights, a resumable
+checkpoint, dvclive curves and a reconstruction figure.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from mfm.distributed import World, setup, teardown, wrap
 from mfm.engine import TrainLoop, stage_loop_config
 from mfm.figures import reconstruction_figure
 from mfm.frequency import build_corruption, filter_spectrum
-from mfm.losses import FrequencyLoss
-from mfm.models import MFMModel, build_encoder, save_encoder
+from mfm.losses import build_loss
+from mfm.models import MFMModel, build_encoder, encoder_patch_size, pretext_model, save_encoder
 from mfm.optim import optimizer_and_schedule
 from mfm.paths import PREPARED_DIR, PRETRAIN_DIR
+from mfm.spatial_mask import check_geometry
 
 log = logging.getLogger("mfm.pretrain")
 
@@ -70,10 +72,13 @@ def _train(
     img_size = params.data.img_size
 
     encoder = build_encoder(params.model, img_size, meta.channels)
-    model = MFMModel(encoder, meta.channels).to(device)
+    spatial = cfg.pretext == "mim"  # the model must know which patches are hidden
+    if spatial:
+        check_geometry(cfg.mim, img_size, encoder_patch_size(encoder))
+    model = pretext_model(encoder, meta.channels, cfg.pretext).to(device)
     trained = wrap(model, here, device)
     corruption = build_corruption(cfg).to(device)
-    loss_fn = FrequencyLoss.from_params(cfg.loss)
+    loss_fn = build_loss(cfg)
     augment = device_augment(meta, img_size, train=True, crop_scale=cfg.crop_scale).to(device)
     normalize = normalizer(meta).to(device)
 
@@ -86,7 +91,8 @@ def _train(
         images = batch[0].to(device, non_blocking=True)
         clean = augment(images)
         corrupted, mask = corruption.corrupt(clean)
-        prediction = trained(normalize(corrupted))
+        inputs = (normalize(corrupted), mask) if spatial else (normalize(corrupted),)
+        prediction = trained(*inputs)
         return loss_fn(prediction, normalize(clean), mask), {}
 
     settings = stage_loop_config(
@@ -132,7 +138,8 @@ def save_reconstructions(
     out_dir: Path,
     device: torch.device,
 ) -> None:
-    """Corrupt a few test images with a fixed seed and draw what the model predicts."""
+    """Corrupt a few test images with a fixed seed and draw what the model predicts, completed
+    with what the input kept (the loss never scores that part)."""
     test_set = image_dataset(prepared_dir, "test", params.data.img_size, train=False)
     count = min(FIGURE_IMAGES, len(test_set))
     images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
@@ -141,14 +148,18 @@ def save_reconstructions(
     corrupted, mask = corruption.corrupt(clean)
     if mask is None:
         mask = torch.ones_like(clean[:, :1])
+    spatial = params.pretrain.pretext == "mim"
     normalize = normalizer(meta).to(device)
     model.eval()
-    prediction = model(normalize(corrupted))
+    inputs = (normalize(corrupted), mask) if spatial else (normalize(corrupted),)
+    prediction = model(*inputs)
     mean = torch.tensor(meta.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta.std, device=device).view(1, -1, 1, 1)
     predicted = prediction.float() * std + mean
-    # The loss only scores the missing bins: show them completed with the bins the input kept.
-    completed = filter_spectrum(predicted, 1 - mask) + filter_spectrum(clean, mask)
+    if spatial:  # predicted pixels in the hidden patches, the input's everywhere else
+        completed = predicted * (1 - mask) + clean * mask
+    else:  # predicted bins where the spectrum was masked, the input's bins elsewhere
+        completed = filter_spectrum(predicted, 1 - mask) + filter_spectrum(clean, mask)
     reconstruction_figure(
         clean,
         mask,
@@ -156,4 +167,5 @@ def save_reconstructions(
         completed,
         out_dir / "reconstruction.png",
         title=f"{params.pretrain.pretext} pretext on {meta.dataset}",
+        mask_title="kept pixels" if spatial else "kept frequencies",
     )

@@ -1,7 +1,8 @@
 """``python -m mfm report``: the answer to "does pretraining help?" as one Markdown table.
 
-Reads the metrics JSON the stages wrote and prints MFM init next to random init / scratch;
-a stage that has not run yet is simply left out.
+Reads the metrics JSON the stages wrote and prints MFM init next to random init / scratch,
+and the probes next to the same probes on raw pixels (no encoder at all); a stage that has
+not run yet is simply left out.
 """
 
 from __future__ import annotations
@@ -12,21 +13,22 @@ from typing import Any
 
 from mfm.paths import metrics_file
 
-# (label, stage, key); each stage's MFM and baseline runs are named in PAIRS.
+# Which two runs a row compares: (MFM run, baseline run) in the stage's metrics.
+RANDOM_INIT = ("pretrained", "random")
+RAW_PIXELS = ("pretrained", "pixels")  # the same probes with no encoder at all
+SCRATCH = ("mfm", "scratch")
+# (label, stage, key, runs compared)
 ROWS = (
-    ("linear probe (logistic regression) top-1", "linprobe", "logreg_top1"),
-    ("weighted k-NN top-1", "linprobe", "knn_top1"),
-    ("fine-tune top-1", "finetune", "top1"),
-    ("corrupted-set clean error (%)", "robustness", "clean_error"),
-    ("mCE (scratch = 100)", "robustness", "mce"),
-    ("relative mCE (scratch = 100)", "robustness", "relative_mce"),
-    ("mean corruption error (%)", "robustness", "mean_corruption_error"),
+    ("linear probe (logistic regression) top-1", "linprobe", "logreg_top1", RANDOM_INIT),
+    ("weighted k-NN top-1", "linprobe", "knn_top1", RANDOM_INIT),
+    ("linear probe top-1, baseline: raw pixels", "linprobe", "logreg_top1", RAW_PIXELS),
+    ("weighted k-NN top-1, baseline: raw pixels", "linprobe", "knn_top1", RAW_PIXELS),
+    ("fine-tune top-1", "finetune", "top1", SCRATCH),
+    ("corrupted-set clean error (%)", "robustness", "clean_error", SCRATCH),
+    ("mCE (scratch = 100)", "robustness", "mce", SCRATCH),
+    ("relative mCE (scratch = 100)", "robustness", "relative_mce", SCRATCH),
+    ("mean corruption error (%)", "robustness", "mean_corruption_error", SCRATCH),
 )
-PAIRS = {
-    "linprobe": ("pretrained", "random"),
-    "finetune": ("mfm", "scratch"),
-    "robustness": ("mfm", "scratch"),
-}
 
 
 def _read(stage: str, variant: str | None, root: Path) -> dict[str, Any] | None:
@@ -47,11 +49,11 @@ def metric_value(stage: str, where: tuple[str, str], root: Path) -> float | None
 
 
 def table(root: str | Path = ".") -> str:
-    """Markdown rows ``| metric | MFM init | random / scratch | difference |``."""
+    """Markdown rows ``| metric | MFM init | random / scratch / pixels | difference |``."""
     root = Path(root)
-    lines = ["| | MFM init | random init / scratch | difference |", "|---|---|---|---|"]
-    for label, stage, key in ROWS:
-        ours, theirs = PAIRS[stage]
+    header = "| | MFM init | random init / scratch / raw pixels | difference |"
+    lines = [header, "|---|---|---|---|"]
+    for label, stage, key, (ours, theirs) in ROWS:
         a, b = metric_value(stage, (ours, key), root), metric_value(stage, (theirs, key), root)
         if a is None or b is None:
             continue

@@ -64,9 +64,10 @@ from mfm.data.meta import DatasetMeta
 from mfm.device import autocast, resolve_device
 from mfm.flops import count_flops, mfu_figures
 from mfm.frequency import SPATIAL_DIMS, RandomFrequencyMask, build_corruption
-from mfm.losses import FrequencyLoss
-from mfm.models import MFMModel, build_classifier, build_encoder
+from mfm.losses import build_loss
+from mfm.models import build_classifier, build_encoder, encoder_patch_size, pretext_model
 from mfm.optim import build_optimizer, scaled_lr
+from mfm.spatial_mask import check_geometry
 from mfm.timing import mean_seconds, seconds_once, untimed_calls
 
 SUPERVISED_CLASSES = 10
@@ -263,6 +264,9 @@ def run(
     images = torch.randint(0, 256, (batch_size, channels, img_size, img_size), dtype=torch.uint8)
     encoder = build_encoder(params.model, img_size, channels)
     is_vit = encoder.is_vit
+    spatial = params.pretrain.pretext == "mim"  # the model must know which patches are hidden
+    if spatial:
+        check_geometry(params.pretrain.mim, img_size, encoder_patch_size(encoder))
     cl = channels_last and not is_vit
     setup = _Setup(
         params=params,
@@ -280,14 +284,16 @@ def run(
 
     # MFM: the pretrain stage's step.
     corruption = build_corruption(params.pretrain).to(device)
-    loss_fn = FrequencyLoss.from_params(params.pretrain.loss)
+    loss_fn = build_loss(params.pretrain)
 
     def mfm_loss(forward: nn.Module) -> Tensor:
         clean = augment(setup.images)
         corrupted, mask = corruption.corrupt(clean)
-        return loss_fn(forward(setup.model_input(corrupted)), normalize(clean), mask)
+        x = setup.model_input(corrupted)
+        return loss_fn(forward(*((x, mask) if spatial else (x,))), normalize(clean), mask)
 
-    mfm = setup.time_step(MFMModel(encoder, channels), mfm_loss, compile)
+    model = pretext_model(encoder, channels, params.pretrain.pretext)
+    mfm = setup.time_step(model, mfm_loss, compile)
     del encoder  # frees the device for the supervised model
 
     # The frequency parts alone, on a fixed batch.

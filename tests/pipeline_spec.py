@@ -60,10 +60,22 @@ def dvc_stages(*files: str) -> dict[str, dict[str, Any]]:
             "cmd": _placeholders(stage["cmd"]),
             "deps": {_placeholders(dep) for dep in stage.get("deps", [])},
             "matrix": stage.get("matrix", {}),
-            "params": set(stage.get("params", [])),
+            "params": {_placeholders(key) for key in stage.get("params", [])},
             "outs": outs,
         }
     return stages
+
+
+# A study rule's own variant's overrides (a function of the wildcard), as DVC lists them.
+STUDY_VARIANT_PARAM = ("study_variant", "study.variants.{variant}")
+# The study summary depends on every run: Snakemake lists their files, DVC the folder.
+STUDY_RUNS = "results/study/runs"
+
+
+def _input_path(path: str) -> str:
+    """A concrete file under the study's runs folder stands for the folder (DVC's dep)."""
+    concrete = "{" not in path
+    return STUDY_RUNS if concrete and path.startswith(f"{STUDY_RUNS}/") else _placeholders(path)
 
 
 def _param_keys(name: str, value: Any, config: dict[str, Any]) -> set[str]:
@@ -95,10 +107,12 @@ def snakemake_rules() -> dict[str, dict[str, Any]]:
                 for name, value in rule.params.items():
                     if name in config:  # params.yaml sections (not e.g. the launcher)
                         params |= _param_keys(name, value, config)
+                    elif name == STUDY_VARIANT_PARAM[0]:
+                        params.add(STUDY_VARIANT_PARAM[1])
                 shell = rule.shellcmd.replace(LOG_REDIRECT, "").replace(LAUNCH, "python")
                 rules[rule.name] = {
                     "cmd": _placeholders(shell),
-                    "deps": {_placeholders(str(path)) for path in rule.input},
+                    "deps": {_input_path(str(path)) for path in rule.input},
                     "params": params,
                     "outs": {_placeholders(str(path)) for path in rule.output},
                 }

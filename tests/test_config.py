@@ -42,7 +42,7 @@ def test_overrides_parse_values_as_yaml() -> None:
     ("override", "expected"),
     [
         ("pretrain.epochs=-1", "pretrain.epochs = -1"),
-        ("pretrain.pretext=jigsaw", "'mfm', 'sr', 'deblur' or 'denoise'"),
+        ("pretrain.pretext=jigsaw", "'mfm', 'sr', 'deblur', 'denoise' or 'mim'"),
         ("pretrain.mask.p_low=1.5", "pretrain.mask.p_low = 1.5"),
         ("pretrain.mask.radius=[6, 2]", "0 < low <= high"),
         ("pretrain.deblur.kernel_sizes=[4]", "odd"),
@@ -85,3 +85,48 @@ def test_cli_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 2
     assert len(err.splitlines()) == 1
     assert "pretrain.epochs = 'zero'" in err
+
+
+def _params_file(tmp_path: Path, study: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"pretrain": {"epochs": 2}, "study": study}))
+    return path
+
+
+def test_a_study_variant_applies_its_overrides_before_the_command_line(tmp_path: Path) -> None:
+    variants = {"r4": {"pretrain.mask.radius": 4, "pretrain.epochs": 5}}
+    path = _params_file(tmp_path, {"variants": variants, "seeds": [0, 1]})
+    params = load_params(path, ["runtime.seed=1"], variant="r4")
+    assert params.pretrain.mask.radius == 4 and params.pretrain.epochs == 5
+    assert params.runtime.seed == 1
+    assert load_params(path, ["pretrain.epochs=9"], variant="r4").pretrain.epochs == 9
+    assert load_params(path).pretrain.epochs == 2  # the base params are untouched
+    with pytest.raises(UserError, match="unknown study variant 'r8'; .* has r4"):
+        load_params(path, variant="r8")
+
+
+@pytest.mark.parametrize(
+    ("study", "expected"),
+    [
+        (
+            {"variants": {"bad": {"pretrain.epoch": 3}}},
+            r"study.variants.bad: unknown key 'pretrain.epoch'",
+        ),
+        ({"variants": {"bad": {"pretrain.epochs": 0}}}, r"study.variants.bad: pretrain.epochs = 0"),
+        (
+            {"variants": {"bad": {"data.img_size": 64}}},
+            r"sets data.img_size, which all variants share",
+        ),
+        (
+            {"variants": {"bad": {"runtime.seed": 3}}},
+            r"sets runtime.seed, which all variants share",
+        ),
+        ({"variants": {"scratch": {}}}, r"variant name 'scratch' must be"),
+        ({"variants": {"a.b": {}}}, r"variant name 'a.b' must be"),
+        ({"seeds": [0, 0]}, r"seeds must be distinct"),
+        ({"seeds": []}, r"study.seeds"),
+    ],
+)
+def test_bad_study_variants_fail_before_any_run(tmp_path: Path, study: dict, expected: str) -> None:
+    with pytest.raises(UserError, match=expected):
+        load_params(_params_file(tmp_path, study))

@@ -1,4 +1,5 @@
-"""The linprobe stage: both probes on synthetic features, pooling, and a tiny run on digits."""
+"""The linprobe stage: both probes on synthetic features, pooling, raw-pixel features, and tiny
+runs on digits and on a synthetic separable set."""
 
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ import torch
 
 import mfm.prepare
 from mfm.config import ModelParams, Params
+from mfm.data.augment import device_augment, normalizer
+from mfm.data.meta import DatasetMeta
+from mfm.data.prepared import write_prepared
+from mfm.data.sources.common import ArrayData
 from mfm.errors import UserError
 from mfm.linprobe import (
+    PixelFeatures,
+    extract_features,
     fit_logistic,
     knn_top1,
     run,
@@ -193,6 +200,91 @@ def test_cnns_keep_their_own_pooling_whatever_the_pool() -> None:
     assert torch.equal(pooled(encoder, images, "cls"), pooled(encoder, images, "mean"))
 
 
+# --------------------------------------------------------------------------- raw pixels
+
+
+def array_meta(channels: int, side: int, mean: list[float], std: list[float]) -> DatasetMeta:
+    return DatasetMeta(
+        dataset="digits",
+        kind="arrays",
+        classes=["a", "b"],
+        num_classes=2,
+        channels=channels,
+        image_size=(side, side),
+        mean=mean,
+        std=std,
+        num_train=0,
+        num_test=0,
+        source="synthetic",
+    )
+
+
+def uint8_images(n: int, channels: int, side: int, seed: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """(uint8 (C, side, side), label) pairs, as the prepared datasets yield them."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(n, channels, side, side), dtype=np.uint8)
+    return [(torch.from_numpy(pixels[i]), i % 2) for i in range(n)]
+
+
+MEAN, STD = [0.2, 0.5, 0.7], [0.1, 0.25, 0.4]
+
+
+def test_pixel_features_are_the_standardised_images_flattened() -> None:
+    data = uint8_images(5, channels=3, side=4)
+    meta = array_meta(3, 4, MEAN, STD)
+    features, labels = extract_features(
+        PixelFeatures(3, img_size=4, size=None), data, meta, 4, batch_size=2, device="cpu"
+    )
+    images = np.stack([image.numpy() for image, _ in data]).astype(np.float64) / 255
+    by_hand = (images - np.reshape(MEAN, (1, 3, 1, 1))) / np.reshape(STD, (1, 3, 1, 1))
+    assert features.shape == (5, 3 * 4 * 4) and features.dtype == np.float32
+    np.testing.assert_allclose(features, by_hand.reshape(5, -1), rtol=1e-5, atol=1e-5)
+    assert labels.tolist() == [0, 1, 0, 1, 0]
+    # pixel_size 2: each output pixel is the mean of a 2 x 2 block of the standardised image
+    halved, _ = extract_features(
+        PixelFeatures(3, img_size=4, size=2), data, meta, 4, batch_size=4, device="cpu"
+    )
+    blocks = by_hand.reshape(5, 3, 2, 2, 2, 2).mean(axis=(3, 5))
+    np.testing.assert_allclose(halved, blocks.reshape(5, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_features_follow_the_evaluation_resize() -> None:
+    # stored at 6 px, evaluated at 12 px: the pixels are the evaluation images, not the stored
+    data = uint8_images(3, channels=1, side=6, seed=1)
+    meta = array_meta(1, 6, [0.4], [0.3])
+    features, _ = extract_features(
+        PixelFeatures(1, img_size=12, size=None), data, meta, 12, batch_size=8, device="cpu"
+    )
+    batch = torch.stack([image for image, _ in data])
+    with torch.no_grad():
+        evaluated = normalizer(meta)(device_augment(meta, 12, train=False)(batch))
+    assert evaluated.shape == (3, 1, 12, 12)
+    np.testing.assert_allclose(features, evaluated.flatten(1).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("channels", "img_size", "size", "side"),
+    [(3, 224, 32, 32), (3, 64, None, 64), (1, 16, 32, 16), (1, 28, 12, 12)],
+    ids=["downsized", "null-keeps-img-size", "never-upsized", "non-integer-factor"],
+)
+def test_pixel_size_shapes(channels: int, img_size: int, size: int | None, side: int) -> None:
+    features = PixelFeatures(channels, img_size, size)
+    images = torch.rand(2, channels, img_size, img_size)
+    flat = features(images)
+    assert flat.shape == (2, channels * side * side) == (2, features.num_features)
+    # a box filter averages: the mean is kept and no value leaves the input's range
+    assert torch.allclose(flat.mean(), images.mean(), atol=1e-2)
+    assert flat.min() >= images.min() and flat.max() <= images.max()
+
+
+def test_pixel_size_averages_instead_of_aliasing() -> None:
+    # one lit pixel in every 4 x 4 block: area-averaged to 2 px it is 1/16 everywhere, where
+    # point sampling (nearest, or bilinear without antialiasing) would see 1 or 0
+    dots = ((torch.arange(8)[:, None] % 4 == 0) & (torch.arange(8)[None, :] % 4 == 0)).float()
+    flat = PixelFeatures(1, img_size=8, size=2)(dots[None, None])
+    assert torch.allclose(flat, torch.full((1, 4), 1 / 16))
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -227,7 +319,8 @@ def test_run_on_digits(prepared: Path, tmp_path: Path) -> None:
     assert metrics["train_images"] == 300
     assert metrics["test_images"] == 360
     assert metrics["feature_dim"] == TINY_VIT["embed_dim"]
-    for name in ("pretrained", "random"):
+    assert metrics["pixel_dim"] == DIGITS_SIZE**2  # pixel_size 32 > 16: kept at 16 px
+    for name in ("pretrained", "random", "pixels"):
         scores = metrics[name]
         assert set(scores) == {"logreg_top1", "logreg_C", "knn_top1"}
         assert scores["logreg_C"] in (0.1, 1.0)
@@ -266,3 +359,47 @@ def test_run_channel_mismatch(prepared: Path, tmp_path: Path) -> None:
 def test_run_without_encoder(prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="pretrain"):
         run(digits_params(), prepared, tmp_path)
+
+
+def halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """8 x 8 grey images, class 0 bright on the left half, class 1 on the right, plus noise:
+    linearly separable in pixel space."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 60, size=(n, 8, 8, 1))
+    for i, label in enumerate(labels):
+        images[i, :, 4 * label : 4 * label + 4] += 150
+    return images.astype(np.uint8), labels.astype(np.int64)
+
+
+def test_run_pixels_probe_on_a_separable_set(tmp_path: Path) -> None:
+    train_images, train_labels = halves(40, seed=0)
+    test_images, test_labels = halves(20, seed=1)
+    data = ArrayData(
+        train_images, train_labels, test_images, test_labels, ["left", "right"], "synthetic"
+    )
+    meta = array_meta(1, 8, [train_images.mean() / 255], [train_images.std() / 255])
+    meta = meta.model_copy(update={"num_train": 40, "num_test": 20})
+    write_prepared(data, meta, tmp_path / "prepared")
+    torch.manual_seed(1)
+    save_encoder(tiny_vit(img_size=8), tmp_path / "pretrain" / "encoder.pt")
+    params = Params.model_validate(
+        {
+            "data": {"dataset": "digits", "img_size": 8},
+            "linprobe": {
+                "train_limit": None,
+                "c_grid": [1.0],
+                "val_fraction": 0.25,
+                "knn_k": 5,
+                "pixel_size": 4,
+            },
+            "runtime": {"device": "cpu", "seed": 0},
+        }
+    )
+    metrics = run(params, tmp_path / "prepared", tmp_path / "pretrain")
+    assert metrics["pixel_dim"] == 4 * 4
+    pixels = metrics["pixels"]
+    assert set(pixels) == set(metrics["pretrained"]) == set(metrics["random"])
+    assert pixels["logreg_top1"] == 100.0
+    assert pixels["knn_top1"] == 100.0
+    assert pixels["logreg_C"] == 1.0

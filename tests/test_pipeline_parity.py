@@ -56,22 +56,47 @@ def dry_run(*args: str) -> str:
     ).stdout
 
 
-def test_study_stages_are_the_main_commands_per_pretext() -> None:
-    """study_X runs ``python -m mfm X`` with its results under results/study/{pretext}, over
-    exactly the pretexts the config allows (DVC matrix and Snakemake wildcard alike)."""
-    from mfm.study import PRETEXTS
-
-    study = yaml.safe_load((ROOT / "study/dvc.yaml").read_text())["stages"]
+def test_study_stages_are_the_main_commands_per_variant_and_seed() -> None:
+    """study_X runs ``python -m mfm X`` for one variant (its overrides, its params) and seed
+    under results/study/runs/{variant}/seed{seed}, over the variants and seeds of params.yaml
+    (DVC matrix and Snakemake wildcards alike); study_scratch is finetune from scratch per
+    seed."""
+    study = yaml.safe_load((ROOT / "study/dvc.yaml").read_text())
+    assert study["vars"] == ["../params.yaml:study"]
+    run, scratch = (
+        "results/study/runs/{variant}/seed{seed}",
+        "results/study/runs/scratch/seed{seed}",
+    )
+    seed = "-S runtime.seed={seed}"
     for name, stage in dvc_stages("study/dvc.yaml").items():
-        assert study[name]["wdir"] == ".."
+        assert study["stages"][name]["wdir"] == ".."
         if name == "study":
             assert stage["cmd"] == "python -m mfm study"
+            assert stage["params"] == {"data.dataset", "study"}
             continue
-        assert stage["cmd"].startswith(f"python -m mfm {name.removeprefix('study_')} ")
-        assert "--out results/study/{pretext}" in stage["cmd"]
-        assert tuple(stage["matrix"]["pretext"]) == PRETEXTS
-    rules = (ROOT / "workflow" / "rules" / "study.smk").read_text()
-    assert f"PRETEXTS = {list(PRETEXTS)!r}".replace("'", '"') in rules
+        if name == "study_scratch":
+            assert stage["cmd"] == f"python -m mfm finetune --init scratch --out {scratch} {seed}"
+            assert stage["matrix"] == {"seed": "${study.seeds}"}
+            continue
+        command = name.removeprefix("study_")
+        init = " --init mfm" if command == "finetune" else ""
+        assert stage["cmd"].startswith(
+            f"python -m mfm {command}{init} --variant {{variant}} --out {run} "
+        )
+        assert stage["cmd"].endswith(seed)
+        assert stage["matrix"] == {"variant": "${study.variants}", "seed": "${study.seeds}"}
+        assert "study.variants.{variant}" in stage["params"]
+
+
+def test_study_targets_every_variant_and_seed_of_the_params() -> None:
+    """``snakemake -n study`` plans one pretrain per variant x seed and one scratch per seed."""
+    out = dry_run("--forceall", "study")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["study"]
+    pretrains = set(re.findall(r"runs/(\w+)/seed(\d+)/pretrain/encoder\.pt", out))
+    expected = {(name, str(seed)) for name in params["variants"] for seed in params["seeds"]}
+    assert pretrains == expected
+    scratch = set(re.findall(r"runs/scratch/seed(\d+)/finetune/scratch/classifier\.pt", out))
+    assert scratch == {str(seed) for seed in params["seeds"]}
 
 
 def test_params_listed_in_dvc_exist_in_params_yaml() -> None:
@@ -80,6 +105,9 @@ def test_params_listed_in_dvc_exist_in_params_yaml() -> None:
         for key in stage["params"]:
             node = params
             for part in key.split("."):
+                if part == "{variant}":  # a study stage reads its own variant's overrides
+                    assert node, f"{name}: params.yaml has no study variants"
+                    break
                 assert part in node, f"{name}: param {key} missing from params.yaml"
                 node = node[part]
 

@@ -51,7 +51,7 @@ def recipe(params: Params) -> dict:
     """What a run of the recipe depends on: the settings of unused pretexts left out."""
     dump = params.model_dump()
     active = "mask" if params.pretrain.pretext == "mfm" else params.pretrain.pretext
-    for section in {"mask", "sr", "deblur", "denoise"} - {active}:
+    for section in {"mask", "sr", "deblur", "denoise", "mim"} - {active}:
         del dump["pretrain"][section]
     return {key: dump[key] for key in ("data", "model", "pretrain", "finetune", "runtime")}
 
@@ -87,6 +87,8 @@ def test_preset_validates_over_the_repository_params(name: str) -> None:
     assert (pre.clip_grad, pre.weight_decay, params.model.drop_path_rate) == (3.0, 0.05, 0.0)
     if p_low is not None:
         assert (pre.mask.radius, pre.mask.radius_unit, pre.mask.p_low) == (16, "bins", p_low)
+    # The spatial baseline (-S pretrain.pretext=mim, the study's mim variant) at SimMIM's setting.
+    assert (pre.mim.mask_patch_size, pre.mim.mask_ratio) == (32, 0.6)
     assert (fine.epochs, fine.batch_size, fine.warmup_epochs) == (finetune_epochs, 2048, 5)
     assert fine.cutmix == 1.0 and fine.auto_augment.startswith("rand-m")
 
@@ -146,7 +148,7 @@ def test_a_deleted_key_takes_only_its_line(params_file: Path) -> None:
     assert "  linprobe.batch_size: 256 -> (absent)" in report.splitlines()
     text = params_file.read_text()
     assert re.search(
-        r"^  knn_temperature: 0.07\n\nfinetune: +# the same recipe", text, re.MULTILINE
+        r"^  knn_temperature: 0.07\n  pixel_size: 32 +# raw-pixel probe", text, re.MULTILINE
     )
     assert load_params(params_file).linprobe.batch_size == 256  # the default again
 

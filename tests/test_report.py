@@ -29,3 +29,16 @@ def test_table_pairs_each_stage_with_its_baseline(tmp_path: Path, capsys) -> Non
     assert not any("mCE" in line for line in lines)  # robustness has not run
     assert main(["report", "--root", str(tmp_path)]) == 0
     assert "+10.00" in capsys.readouterr().out
+
+
+def test_table_puts_the_probes_next_to_raw_pixels(tmp_path: Path) -> None:
+    scores = {"logreg_top1": 80.0, "knn_top1": 60.0}
+    _write(
+        tmp_path,
+        "linprobe",
+        {"pretrained": scores, "random": scores, "pixels": {"logreg_top1": 84.0}},
+    )
+    lines = table(tmp_path).splitlines()
+    assert "| linear probe top-1, baseline: raw pixels | 80.00 | 84.00 | -4.00 |" in lines
+    assert not any("k-NN top-1, baseline: raw pixels" in line for line in lines)  # no pixel k-NN
+    assert "| weighted k-NN top-1 | 60.00 | 60.00 | +0.00 |" in lines

@@ -1,8 +1,10 @@
-"""The pretext study, shrunk: four pretexts through both engines, one table."""
+"""The study, shrunk: two variants x three seeds through both engines, one table, and the
+caching that makes a study cheap to extend."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import pytest
@@ -10,34 +12,67 @@ import pytest
 from tests.e2e.conftest import Project
 
 pytestmark = pytest.mark.e2e
-# Eight training runs per engine: smaller still than the main job's tiny config.
+# Six variant runs and three scratch classifiers per engine, smaller still than the main
+# job's tiny config.
 SMALLER = {
     "data": {"train_limit": 400, "test_limit": 200},
     "linprobe": {"train_limit": 200},
     "robustness": {"num_images": 8, "severities": [1]},
+    "study": {
+        "seeds": [0, 1, 2],
+        "variants": {"mfm": {"pretrain.pretext": "mfm"}, "mim": {"pretrain.pretext": "mim"}},
+    },
 }
+VARIANTS, SEEDS = ("mfm", "mim"), (0, 1, 2)
 
 
-def test_dvc_and_snakemake_produce_the_same_study_table(
+def planned(output: str) -> set[str]:
+    """The study stages ``dvc repro --dry`` would run."""
+    return set(re.findall(r"Running stage 'study/dvc.yaml:(study\w*@[\w-]+)'", output))
+
+
+def test_dvc_and_snakemake_produce_the_same_study_with_seeds(
     make_project: Callable[..., Project],
 ) -> None:
     by_dvc = make_project(SMALLER, name="dvc")
     ran = by_dvc.run("dvc", "repro", "study/dvc.yaml").stdout
-    for pretext in ("mfm", "sr", "deblur", "denoise"):
-        assert f"Running stage 'study/dvc.yaml:study_pretrain@{pretext}'" in ran
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            assert f"Running stage 'study/dvc.yaml:study_pretrain@{variant}-{seed}'" in ran
+    for seed in SEEDS:
+        assert f"Running stage 'study/dvc.yaml:study_scratch@{seed}'" in ran
     assert "Running stage 'study/dvc.yaml:study'" in ran
-    assert "Running stage 'finetune@scratch'" in ran  # the shared baseline
-    assert "Running stage 'finetune@mfm'" not in ran  # the main job is not needed
+    assert "Running stage 'finetune@" not in ran  # the main job is not needed
     study = json.loads((by_dvc.path / "metrics/study.json").read_text())
-    assert set(study["pretexts"]) == {"mfm", "sr", "deblur", "denoise"}
-    assert study["baseline"]["mce"] == pytest.approx(100.0)
+    assert study["seeds"] == list(SEEDS) and set(study["variants"]) == set(VARIANTS)
+    for variant in VARIANTS:
+        row = study["variants"][variant]
+        assert row["finetune_top1"]["n"] == 3 and row["finetune_top1"]["std"] is not None
+        low, high = row["difference"]["finetune_top1"]["ci95"]
+        assert low <= row["difference"]["finetune_top1"]["mean"] <= high
+    assert study["baseline"]["mce"]["values"] == pytest.approx([100.0] * 3)
+    assert study["pixels"]["probe_top1"]["n"] == 3
     table = (by_dvc.path / "results/study/study.md").read_text()
-    assert table.count("\n") == 2 + 4 + 1
-    assert (by_dvc.path / "results/study/study.png").is_file()
+    assert "Mean ± std over 3 seed(s)" in table and "[95 % CI]" in table
+    assert "| raw pixels (no encoder) |" in table
     shown = json.loads(by_dvc.run("dvc", "metrics", "show", "--json").stdout)
     assert "metrics/study.json" in json.dumps(shown)
     assert "Running stage" not in by_dvc.run("dvc", "repro", "study/dvc.yaml").stdout
 
+    # editing one variant reruns that variant only; a new seed runs only the new runs
+    by_dvc.set_params({"study": {"variants": {"mim": {"pretrain.mim.mask_ratio": 0.5}}}})
+    edited = planned(by_dvc.run("dvc", "repro", "--dry", "study/dvc.yaml").stdout)
+    assert edited and all("@mim-" in stage for stage in edited), edited
+    by_dvc.run("git", "checkout", "params.yaml")
+    by_dvc.set_params({"study": {"seeds": [0, 1, 2, 3]}})
+    extended = planned(by_dvc.run("dvc", "repro", "--dry", "study/dvc.yaml").stdout)
+    assert extended and all(stage.endswith(("-3", "@3")) for stage in extended), extended
+    by_dvc.run("git", "checkout", "params.yaml")
+
     by_snakemake = make_project(SMALLER, name="snakemake")
     by_snakemake.run("snakemake", "--cores", "2", "study")
     assert (by_snakemake.path / "results/study/study.md").read_text() == table
+    by_snakemake.set_params({"study": {"variants": {"mim": {"pretrain.mim.mask_ratio": 0.5}}}})
+    rerun = by_snakemake.run("snakemake", "-n", "study").stdout
+    variants = set(re.findall(r"wildcards: .*variant=(\w+)", rerun))
+    assert variants == {"mim"}, rerun[-3000:]

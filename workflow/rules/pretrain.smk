@@ -1,4 +1,4 @@
-# pretrain: MFM (or a restoration pretext) on the prepared training images.
+# pretrain: MFM (or a restoration or spatial-masking pretext) on the prepared training images.
 
 
 rule pretrain:
@@ -25,6 +25,7 @@ rule pretrain:
         "mfm/paths.py",
         "mfm/pretrain.py",
         "mfm/seeding.py",
+        "mfm/spatial_mask.py",
         "mfm/tracking.py",
     output:
         "results/pretrain/encoder.pt",

@@ -1,13 +1,18 @@
-# The pretext study (`snakemake study`): every pretext through pretrain -> linprobe ->
-# finetune -> robustness under results/study/{pretext}/, against the main job's scratch
-# classifier, then one table; study/dvc.yaml declares the same stages for DVC.
+# The study (`snakemake study`): every variant (config study.variants: a name and its
+# overrides) x seed (study.seeds) through pretrain -> linprobe -> finetune -> robustness under
+# results/study/runs/{variant}/seed{seed}/, a scratch classifier per seed, then one summary;
+# study/dvc.yaml declares the same stages for DVC. Each run's params include its own
+# variant's overrides only, so editing one variant reruns just that variant.
+import re
 
-PRETEXTS = ["mfm", "sr", "deblur", "denoise"]
-STUDY_METRICS = ["linprobe", "finetune_mfm", "robustness_mfm", "robustness_scratch"]
+VARIANTS = list(config["study"]["variants"])
+SEEDS = list(config["study"]["seeds"])
+RUN_METRICS = ["linprobe", "finetune_mfm", "robustness_mfm", "robustness_scratch"]
 
 
 wildcard_constraints:
-    pretext="|".join(PRETEXTS),
+    variant="|".join(re.escape(name) for name in VARIANTS),
+    seed=r"\d+",
 
 
 rule study_pretrain:
@@ -34,14 +39,15 @@ rule study_pretrain:
         "mfm/paths.py",
         "mfm/pretrain.py",
         "mfm/seeding.py",
+        "mfm/spatial_mask.py",
         "mfm/tracking.py",
     output:
-        "results/study/{pretext}/pretrain/encoder.pt",
-        "results/study/{pretext}/pretrain/reconstruction.png",
-        "results/study/{pretext}/metrics/pretrain.json",
-        directory("results/study/{pretext}/pretrain/live/plots/metrics"),
+        "results/study/runs/{variant}/seed{seed}/pretrain/encoder.pt",
+        "results/study/runs/{variant}/seed{seed}/pretrain/reconstruction.png",
+        "results/study/runs/{variant}/seed{seed}/metrics/pretrain.json",
+        directory("results/study/runs/{variant}/seed{seed}/pretrain/live/plots/metrics"),
     log:
-        "logs/study_pretrain_{pretext}.log",
+        "logs/study/{variant}/seed{seed}/pretrain.log",
     conda:
         "../envs/mfm.yaml"
     resources:
@@ -52,15 +58,16 @@ rule study_pretrain:
         model=config["model"],
         pretrain=config["pretrain"],
         runtime=config["runtime"],
+        study_variant=lambda wildcards: config["study"]["variants"][wildcards.variant],
     shell:
-        "{params.launch} -m mfm pretrain --out results/study/{wildcards.pretext} "
-        "-S pretrain.pretext={wildcards.pretext} 2> {log}"
+        "{params.launch} -m mfm pretrain --variant {wildcards.variant} "
+        "--out results/study/runs/{wildcards.variant}/seed{wildcards.seed} -S runtime.seed={wildcards.seed} 2> {log}"
 
 
 rule study_linprobe:
     input:
         "data/prepared",
-        "results/study/{pretext}/pretrain/encoder.pt",
+        "results/study/runs/{variant}/seed{seed}/pretrain/encoder.pt",
         "mfm/config.py",
         "mfm/data/augment.py",
         "mfm/data/datasets.py",
@@ -77,23 +84,25 @@ rule study_linprobe:
         "mfm/paths.py",
         "mfm/seeding.py",
     output:
-        "results/study/{pretext}/metrics/linprobe.json",
+        "results/study/runs/{variant}/seed{seed}/metrics/linprobe.json",
     log:
-        "logs/study_linprobe_{pretext}.log",
+        "logs/study/{variant}/seed{seed}/linprobe.log",
     conda:
         "../envs/mfm.yaml"
     params:
         data={"img_size": config["data"]["img_size"]},
         linprobe=config["linprobe"],
         runtime=config["runtime"],
+        study_variant=lambda wildcards: config["study"]["variants"][wildcards.variant],
     shell:
-        "python -m mfm linprobe --out results/study/{wildcards.pretext} 2> {log}"
+        "python -m mfm linprobe --variant {wildcards.variant} "
+        "--out results/study/runs/{wildcards.variant}/seed{wildcards.seed} -S runtime.seed={wildcards.seed} 2> {log}"
 
 
 rule study_finetune:
     input:
         "data/prepared",
-        "results/study/{pretext}/pretrain/encoder.pt",
+        "results/study/runs/{variant}/seed{seed}/pretrain/encoder.pt",
         "mfm/checkpoints.py",
         "mfm/config.py",
         "mfm/data/augment.py",
@@ -115,12 +124,62 @@ rule study_finetune:
         "mfm/seeding.py",
         "mfm/tracking.py",
     output:
-        "results/study/{pretext}/finetune/mfm/classifier.pt",
-        "results/study/{pretext}/metrics/finetune_mfm.json",
-        directory("results/study/{pretext}/finetune/mfm/live/plots/metrics"),
-        "results/study/{pretext}/finetune/mfm/predictions.csv",
+        "results/study/runs/{variant}/seed{seed}/finetune/mfm/classifier.pt",
+        "results/study/runs/{variant}/seed{seed}/metrics/finetune_mfm.json",
+        directory(
+            "results/study/runs/{variant}/seed{seed}/finetune/mfm/live/plots/metrics"
+        ),
+        "results/study/runs/{variant}/seed{seed}/finetune/mfm/predictions.csv",
     log:
-        "logs/study_finetune_{pretext}.log",
+        "logs/study/{variant}/seed{seed}/finetune.log",
+    conda:
+        "../envs/mfm.yaml"
+    resources:
+        gpu=0,
+    params:
+        launch=launcher,
+        data={"img_size": config["data"]["img_size"]},
+        model=config["model"],
+        finetune=config["finetune"],
+        runtime=config["runtime"],
+        study_variant=lambda wildcards: config["study"]["variants"][wildcards.variant],
+    shell:
+        "{params.launch} -m mfm finetune --init mfm --variant {wildcards.variant} "
+        "--out results/study/runs/{wildcards.variant}/seed{wildcards.seed} -S runtime.seed={wildcards.seed} 2> {log}"
+
+
+rule study_scratch:
+    input:
+        "data/prepared",
+        "mfm/checkpoints.py",
+        "mfm/config.py",
+        "mfm/data/augment.py",
+        "mfm/data/datasets.py",
+        "mfm/data/loaders.py",
+        "mfm/data/meta.py",
+        "mfm/data/prepared.py",
+        "mfm/data/sources/common.py",
+        "mfm/device.py",
+        "mfm/distributed.py",
+        "mfm/engine.py",
+        "mfm/errors.py",
+        "mfm/evaluation.py",
+        "mfm/finetune.py",
+        "mfm/io.py",
+        "mfm/models.py",
+        "mfm/optim.py",
+        "mfm/paths.py",
+        "mfm/seeding.py",
+        "mfm/tracking.py",
+    output:
+        "results/study/runs/scratch/seed{seed}/finetune/scratch/classifier.pt",
+        "results/study/runs/scratch/seed{seed}/metrics/finetune_scratch.json",
+        directory(
+            "results/study/runs/scratch/seed{seed}/finetune/scratch/live/plots/metrics"
+        ),
+        "results/study/runs/scratch/seed{seed}/finetune/scratch/predictions.csv",
+    log:
+        "logs/study/scratch/seed{seed}/finetune.log",
     conda:
         "../envs/mfm.yaml"
     resources:
@@ -132,16 +191,16 @@ rule study_finetune:
         finetune=config["finetune"],
         runtime=config["runtime"],
     shell:
-        "{params.launch} -m mfm finetune --init mfm --out results/study/{wildcards.pretext} "
-        "2> {log}"
+        "{params.launch} -m mfm finetune --init scratch "
+        "--out results/study/runs/scratch/seed{wildcards.seed} -S runtime.seed={wildcards.seed} 2> {log}"
 
 
 rule study_robustness:
     input:
         "data/prepared",
         "data/corrupted",
-        "results/study/{pretext}/finetune/mfm/classifier.pt",
-        "results/finetune/scratch/classifier.pt",
+        "results/study/runs/{variant}/seed{seed}/finetune/mfm/classifier.pt",
+        "results/study/runs/scratch/seed{seed}/finetune/scratch/classifier.pt",
         "mfm/config.py",
         "mfm/corrupted_set.py",
         "mfm/data/augment.py",
@@ -164,43 +223,59 @@ rule study_robustness:
         "mfm/robustness_metrics.py",
         "mfm/seeding.py",
     output:
-        "results/study/{pretext}/robustness/mfm/heatmap.png",
-        "results/study/{pretext}/robustness/scratch/heatmap.png",
-        "results/study/{pretext}/metrics/robustness_mfm.json",
-        "results/study/{pretext}/metrics/robustness_scratch.json",
+        "results/study/runs/{variant}/seed{seed}/robustness/mfm/heatmap.png",
+        "results/study/runs/{variant}/seed{seed}/robustness/scratch/heatmap.png",
+        "results/study/runs/{variant}/seed{seed}/metrics/robustness_mfm.json",
+        "results/study/runs/{variant}/seed{seed}/metrics/robustness_scratch.json",
     log:
-        "logs/study_robustness_{pretext}.log",
+        "logs/study/{variant}/seed{seed}/robustness.log",
     conda:
         "../envs/mfm.yaml"
     params:
         data={"img_size": config["data"]["img_size"]},
         robustness=config["robustness"],
         runtime=config["runtime"],
+        study_variant=lambda wildcards: config["study"]["variants"][wildcards.variant],
     shell:
-        "python -m mfm robustness --out results/study/{wildcards.pretext} "
-        "--scratch-from results 2> {log}"
+        "python -m mfm robustness --variant {wildcards.variant} "
+        "--out results/study/runs/{wildcards.variant}/seed{wildcards.seed} --scratch-from results/study/runs/scratch/seed{wildcards.seed} "
+        "-S runtime.seed={wildcards.seed} 2> {log}"
 
 
 rule study:
     input:
         expand(
-            "results/study/{pretext}/metrics/{name}.json",
-            pretext=PRETEXTS,
-            name=STUDY_METRICS,
+            "results/study/runs/{variant}/seed{seed}/metrics/{name}.json",
+            variant=VARIANTS,
+            seed=SEEDS,
+            name=RUN_METRICS,
         ),
-        "metrics/finetune_scratch.json",
-        expand("results/study/{pretext}/pretrain/live/plots/metrics", pretext=PRETEXTS),
         expand(
-            "results/study/{pretext}/finetune/mfm/live/plots/metrics", pretext=PRETEXTS
+            "results/study/runs/{variant}/seed{seed}/{folder}/live/plots/metrics",
+            variant=VARIANTS,
+            seed=SEEDS,
+            folder=["pretrain", "finetune/mfm"],
         ),
-        expand("results/study/{pretext}/pretrain/reconstruction.png", pretext=PRETEXTS),
-        "results/finetune/scratch/live/plots/metrics",
+        expand(
+            "results/study/runs/{variant}/seed{seed}/pretrain/reconstruction.png",
+            variant=VARIANTS,
+            seed=SEEDS,
+        ),
+        expand(
+            "results/study/runs/scratch/seed{seed}/metrics/finetune_scratch.json",
+            seed=SEEDS,
+        ),
+        expand(
+            "results/study/runs/scratch/seed{seed}/finetune/scratch/live/plots/metrics",
+            seed=SEEDS,
+        ),
         "mfm/config.py",
         "mfm/errors.py",
         "mfm/figures.py",
         "mfm/io.py",
         "mfm/paths.py",
         "mfm/report.py",
+        "mfm/seed_stats.py",
         "mfm/study.py",
     output:
         "results/study/study.md",
@@ -214,5 +289,6 @@ rule study:
         "../envs/mfm.yaml"
     params:
         data={"dataset": config["data"]["dataset"]},
+        study=config["study"],
     shell:
         "python -m mfm study 2> {log}"
