@@ -7,7 +7,6 @@ line that names the key, the value given and what is allowed.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import re
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from mfm.errors import UserError
+from mfm.overrides import apply_overrides, override_of
 
 PARAMS_FILE = "params.yaml"
 
@@ -375,42 +375,6 @@ class Params(StrictModel):
     study: StudyParams = Field(default_factory=StudyParams)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML), like ``dvc exp run -S``."""
-    result = copy.deepcopy(raw)
-    for item in overrides:
-        if item.startswith("~"):  # Hydra's deletion: the key falls back to its default
-            _delete_key(result, item)
-            continue
-        key, sep, text = item.partition("=")
-        key = key.lstrip("+").strip()
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not key=value; write e.g. -S pretrain.epochs=3")
-        node = result
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-    return result
-
-
-def _delete_key(raw: dict[str, Any], item: str) -> None:
-    """Apply ``~key`` (or Hydra's ``~key=value``): remove ``key`` from ``raw``."""
-    key = item[1:].partition("=")[0].strip()
-    *sections, last = key.split(".")
-    node: Any = raw
-    for part in sections:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or last not in node:
-        raise UserError(f"override {item!r}: {key!r} is not set, so it cannot be deleted")
-    del node[last]
-
-
 def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
     """Field names of the model that holds the key at ``loc`` (for 'unknown key' errors)."""
     model: type[BaseModel] = Params
@@ -437,16 +401,6 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {key} = {value!r} is invalid: {first['msg']}"
 
 
-def _override_of(err: ValidationError, overrides: Sequence[str]) -> str | None:
-    """The last ``-S`` override that set the first bad key (or a section above it), if any."""
-    loc = tuple(str(part) for part in err.errors()[0]["loc"])
-    for item in reversed(overrides):
-        parts = tuple(item.partition("=")[0].lstrip("+").strip().split("."))
-        if loc[: len(parts)] == parts:
-            return item
-    return None
-
-
 def validate_params(
     raw: dict[str, Any] | None, source: str = PARAMS_FILE, overrides: Sequence[str] = ()
 ) -> Params:
@@ -467,7 +421,7 @@ def _validated(raw: dict[str, Any], source: str, overrides: Sequence[str] = ()) 
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        item = _override_of(err, overrides)
+        item = override_of(err.errors()[0]["loc"], overrides)
         where = f"-S {item}" if item else source
         raise UserError(describe_validation_error(err, where)) from None
 

@@ -27,9 +27,10 @@ from ruamel.yaml.error import CommentMark, YAMLError
 from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.tokens import CommentToken
 
-from mfm.config import Params, apply_overrides, validate_params
+from mfm.config import Params, validate_params
 from mfm.errors import UserError
 from mfm.io import atomic_path
+from mfm.overrides import apply_overrides
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 ROOT_PLACEHOLDER = "/path/to/imagenet"

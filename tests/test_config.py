@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from mfm.cli import main
-from mfm.config import Params, apply_overrides, load_params
+from mfm.config import Params, load_params
 from mfm.errors import UserError
+from mfm.overrides import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,9 @@ import yaml
 
 from mfm import presets
 from mfm.cli import main
-from mfm.config import Params, apply_overrides, load_params, validate_params
+from mfm.config import Params, load_params, validate_params
 from mfm.errors import UserError
+from mfm.overrides import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOT_OVERRIDE = "data.root=/data/imagenet"

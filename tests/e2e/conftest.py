@@ -106,18 +106,22 @@ class Project:
         self.run("git", "commit", "-q", "-m", message)
 
 
+def new_project(dest: Path, changes: dict[str, Any] | None = None) -> Project:
+    """A copy of the project at ``dest``, a git repository with the tiny params committed."""
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    project = Project(dest)
+    project.run("git", "init", "-q", "-b", "main")
+    project.set_params(deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), changes or {}))
+    project.commit("tiny project")
+    return project
+
+
 @pytest.fixture
 def make_project(tmp_path: Path) -> Callable[..., Project]:
     def make(changes: dict[str, Any] | None = None, name: str = "project") -> Project:
-        dest = tmp_path / name
-        for rel in project_files():
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, target)
-        project = Project(dest)
-        project.run("git", "init", "-q", "-b", "main")
-        project.set_params(deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), changes or {}))
-        project.commit("tiny project")
-        return project
+        return new_project(tmp_path / name, changes)
 
     return make

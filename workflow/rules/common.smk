@@ -2,6 +2,11 @@
 # package itself) and how training jobs start.
 from mfm.config import INITS
 
+# Snakemake sets OMP_NUM_THREADS (and the BLAS thread counts) to a rule's threads, 1 unless
+# the rule says otherwise; stage rules ask for more than any machine has and get what there
+# is: Snakemake lowers a rule's threads to --cores locally, and to the job's CPUs on SLURM.
+ALL_CORES = 1024
+
 
 wildcard_constraints:
     init="|".join(INITS),

@@ -15,6 +15,7 @@ rule corrupt:
         "mfm/data/subsets.py",
         "mfm/errors.py",
         "mfm/io.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/robustness_metrics.py",
     output:
@@ -24,6 +25,7 @@ rule corrupt:
         "logs/corrupt.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     params:
         data={"img_size": config["data"]["img_size"]},
         robustness={

@@ -17,6 +17,7 @@ rule export:
         "mfm/export.py",
         "mfm/io.py",
         "mfm/models.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/predict.py",
         "mfm/timing.py",
@@ -27,6 +28,7 @@ rule export:
         "logs/export.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     params:
         data={"img_size": config["data"]["img_size"]},
         export=config["export"],

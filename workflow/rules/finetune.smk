@@ -23,6 +23,7 @@ rule finetune:
         "mfm/io.py",
         "mfm/models.py",
         "mfm/optim.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
         "mfm/tracking.py",
@@ -35,6 +36,7 @@ rule finetune:
         "logs/finetune_{init}.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     resources:
         gpu=0,
     params:

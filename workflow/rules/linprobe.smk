@@ -18,6 +18,7 @@ rule linprobe:
         "mfm/io.py",
         "mfm/linprobe.py",
         "mfm/models.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
     output:
@@ -26,6 +27,7 @@ rule linprobe:
         "logs/linprobe.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     params:
         data={"img_size": config["data"]["img_size"]},
         linprobe=config["linprobe"],

@@ -18,6 +18,7 @@ rule prepare:
         "mfm/data/subsets.py",
         "mfm/errors.py",
         "mfm/io.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/prepare.py",
     output:
@@ -27,6 +28,7 @@ rule prepare:
         "logs/prepare.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     params:
         data={
             key: config["data"][key]

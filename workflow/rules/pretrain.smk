@@ -22,6 +22,7 @@ rule pretrain:
         "mfm/losses.py",
         "mfm/models.py",
         "mfm/optim.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/pretrain.py",
         "mfm/seeding.py",
@@ -36,6 +37,7 @@ rule pretrain:
         "logs/pretrain.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     resources:
         gpu=0,
     params:

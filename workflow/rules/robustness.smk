@@ -23,6 +23,7 @@ rule robustness:
         "mfm/imagenet_benchmarks.py",
         "mfm/io.py",
         "mfm/models.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/robustness.py",
         "mfm/robustness_metrics.py",
@@ -34,6 +35,7 @@ rule robustness:
         "logs/robustness.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     params:
         data={"img_size": config["data"]["img_size"]},
         robustness=config["robustness"],

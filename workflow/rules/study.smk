@@ -36,6 +36,7 @@ rule study_pretrain:
         "mfm/losses.py",
         "mfm/models.py",
         "mfm/optim.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/pretrain.py",
         "mfm/seeding.py",
@@ -50,6 +51,7 @@ rule study_pretrain:
         "logs/study/{variant}/seed{seed}/pretrain.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     resources:
         gpu=0,
     params:
@@ -81,6 +83,7 @@ rule study_linprobe:
         "mfm/io.py",
         "mfm/linprobe.py",
         "mfm/models.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
     output:
@@ -89,6 +92,7 @@ rule study_linprobe:
         "logs/study/{variant}/seed{seed}/linprobe.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     params:
         data={"img_size": config["data"]["img_size"]},
         linprobe=config["linprobe"],
@@ -120,6 +124,7 @@ rule study_finetune:
         "mfm/io.py",
         "mfm/models.py",
         "mfm/optim.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
         "mfm/tracking.py",
@@ -134,6 +139,7 @@ rule study_finetune:
         "logs/study/{variant}/seed{seed}/finetune.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     resources:
         gpu=0,
     params:
@@ -168,6 +174,7 @@ rule study_scratch:
         "mfm/io.py",
         "mfm/models.py",
         "mfm/optim.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
         "mfm/tracking.py",
@@ -182,6 +189,7 @@ rule study_scratch:
         "logs/study/scratch/seed{seed}/finetune.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     resources:
         gpu=0,
     params:
@@ -218,6 +226,7 @@ rule study_robustness:
         "mfm/imagenet_benchmarks.py",
         "mfm/io.py",
         "mfm/models.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/robustness.py",
         "mfm/robustness_metrics.py",
@@ -231,6 +240,7 @@ rule study_robustness:
         "logs/study/{variant}/seed{seed}/robustness.log",
     conda:
         "../envs/mfm.yaml"
+    threads: ALL_CORES
     params:
         data={"img_size": config["data"]["img_size"]},
         robustness=config["robustness"],
@@ -273,6 +283,7 @@ rule study:
         "mfm/errors.py",
         "mfm/figures.py",
         "mfm/io.py",
+        "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/report.py",
         "mfm/seed_stats.py",
