@@ -33,8 +33,8 @@ def metrics_file(stage: str, *variant: str, metrics_dir: Path = METRICS_DIR) -> 
 @dataclass(frozen=True)
 class RunDirs:
     """Where one run's models, figures and metrics go (the prepared and corrupted data are
-    shared). The main job uses ``results/`` and ``metrics/``; ``--root R`` puts a run under
-    ``R/`` and ``R/metrics/``, as the pretext study does for each pretext."""
+    shared). The main job uses ``results/`` and ``metrics/``; ``--out R`` puts a run under
+    ``R/`` and ``R/metrics/``, as the study does for each variant and seed."""
 
     root: Path | None = None
 
