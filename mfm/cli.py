@@ -32,7 +32,7 @@ STAGES = {
     "export": "the fine-tuned classifier as ONNX, checked against torch on test images",
     "study": "collect the study (variants x seeds) into tables, a chart and metrics/study.json",
 }
-# Stages whose results can go under another folder (--out), e.g. one per pretext in the study.
+# Stages whose results can go under another folder (--out), e.g. one per study variant and seed.
 RELOCATABLE = ("pretrain", "linprobe", "finetune", "robustness", "export")
 # Matrix dimensions of a stage (DVC matrix / Snakemake wildcard): option -> choices.
 VARIANTS = {"finetune": {"init": INITS}}

@@ -125,7 +125,7 @@ def run(
     """Score every init's classifier; returns {init: report} (one metrics file each).
 
     ``scratch_dir`` (a finetune folder) supplies the scratch baseline when it lives
-    elsewhere, as in the pretext study, where every pretext shares the main job's.
+    elsewhere, as in the study, where every variant of a seed shares that seed's scratch run.
     """
     device = resolve_device(params.runtime.device)
     meta = load_meta(prepared_dir, params.data.dataset)

@@ -39,7 +39,7 @@ def _placeholders(text: str) -> str:
     return re.sub(r"\{(\w+),[^}]*\}", r"{\1}", text)
 
 
-PIPELINES = ("dvc.yaml", "study/dvc.yaml")  # the main job, and the pretext study
+PIPELINES = ("dvc.yaml", "study/dvc.yaml")  # the main job, and the study (variants x seeds)
 
 
 def dvc_stages(*files: str) -> dict[str, dict[str, Any]]:
