@@ -15,6 +15,7 @@ include: "workflow/rules/prepare.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/linprobe.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/segment.smk"
 include: "workflow/rules/corrupt.smk"
 include: "workflow/rules/robustness.smk"
 include: "workflow/rules/export.smk"
@@ -27,5 +28,6 @@ rule all:
         rules.pretrain.output,
         rules.linprobe.output,
         expand(rules.finetune.output, init=INITS),
+        expand(rules.segment.output, init=INITS),
         rules.robustness.output,
         rules.export.output,

@@ -27,15 +27,17 @@ STAGES = {
     "pretrain": "MFM (or restoration) pretraining; writes results/pretrain/encoder.pt",
     "linprobe": "logistic-regression and k-NN probes of frozen features, pretrained vs random",
     "finetune": "supervised fine-tuning from the MFM encoder (--init mfm) or from scratch",
+    "scenes": "segmentation scenes from the prepared images into data/scenes (built once)",
+    "segment": "UPerNet segmentation from the MFM encoder (--init mfm) or from scratch: mIoU",
     "corrupt": "ImageNet-C-style corruptions of the test split (CIFAR-10-C layout), built once",
     "robustness": "every classifier on the corrupted test set: errors, mCE, relative mCE",
     "export": "the fine-tuned classifier as ONNX, checked against torch on test images",
     "study": "collect the study (variants x seeds) into tables, a chart and metrics/study.json",
 }
 # Stages whose results can go under another folder (--out), e.g. one per study variant and seed.
-RELOCATABLE = ("pretrain", "linprobe", "finetune", "robustness", "export")
+RELOCATABLE = ("pretrain", "linprobe", "finetune", "segment", "robustness", "export")
 # Matrix dimensions of a stage (DVC matrix / Snakemake wildcard): option -> choices.
-VARIANTS = {"finetune": {"init": INITS}}
+VARIANTS = {"finetune": {"init": INITS}, "segment": {"init": INITS}}
 
 
 BENCH_HELP = "time MFM vs supervised steps on synthetic images; prints JSON (img/s, FFT share)"

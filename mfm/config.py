@@ -26,6 +26,7 @@ from pydantic import (
 
 from mfm.errors import UserError
 from mfm.overrides import apply_overrides, override_of
+from mfm.segment_params import SegmentParams
 
 PARAMS_FILE = "params.yaml"
 
@@ -370,6 +371,7 @@ class Params(StrictModel):
     linprobe: LinprobeParams = Field(default_factory=LinprobeParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     robustness: RobustnessParams = Field(default_factory=RobustnessParams)
+    segment: SegmentParams = Field(default_factory=SegmentParams)
     export: ExportParams = Field(default_factory=ExportParams)
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     study: StudyParams = Field(default_factory=StudyParams)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from tqdm import tqdm
 
@@ -116,7 +116,7 @@ class TrainLoop:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: CosineLRScheduler,
+        scheduler: Scheduler,
         step_fn: StepFn,
         cfg: LoopConfig,
         here: World | None = None,

@@ -71,6 +71,62 @@ def reconstruction_figure(
     save_figure(fig, path)
 
 
+def class_palette(count: int) -> np.ndarray:
+    """(count + 1, 3) colours in [0, 1]: distinct ones per class, black last (the ignore
+    index is mapped there)."""
+    base = plt.get_cmap("tab20" if count <= 20 else "hsv", max(count, 1))
+    colours = np.array([base(i)[:3] for i in range(count)])
+    return np.vstack([colours, np.zeros((1, 3))])
+
+
+def _label_overlay(image: torch.Tensor, labels: torch.Tensor, palette: np.ndarray) -> np.ndarray:
+    """Labels painted over the image at 60 % opacity (ignored pixels stay black)."""
+    picture = image.detach().float().cpu() / 255
+    rgb = picture.expand(3, -1, -1) if picture.shape[0] == 1 else picture
+    index = labels.detach().cpu().long().clamp(max=len(palette) - 1).numpy()
+    return 0.4 * rgb.permute(1, 2, 0).numpy() + 0.6 * palette[index]
+
+
+def segmentation_overlay(
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    classes: list[str],
+    path: str | Path,
+    title: str,
+) -> None:
+    """One row per test image: the image, ground truth and prediction overlaid on it (same
+    colour per class), and the image's pixel accuracy; ``samples`` holds uint8 (C, H, W)
+    images with their (H, W) label and prediction maps."""
+    if not samples:
+        text_figure(path, f"{title}: no test images to show")
+        return
+    palette = class_palette(len(classes))
+    rows = len(samples)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.4 * rows + 0.8))
+    axes = axes.reshape(rows, 3)
+    for row, (image, mask, pred) in enumerate(samples):
+        labelled = mask < len(classes)
+        accuracy = 100.0 * float((pred[labelled] == mask[labelled]).float().mean())
+        panels = [
+            _as_image(image.float() / 255),
+            (_label_overlay(image, mask, palette), None),
+            (_label_overlay(image, pred, palette), None),
+        ]
+        names = ["image", "ground truth", f"prediction ({accuracy:.0f} % px)"]
+        for col, (data, cmap) in enumerate(panels):
+            axis = axes[row, col]
+            shown = data.numpy() if isinstance(data, torch.Tensor) else data
+            axis.imshow(shown, cmap=cmap, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_title(names[col], fontsize=8)
+    present = sorted({int(v) for _, mask, _ in samples for v in mask.unique() if v < len(classes)})
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i]) for i in present]
+    fig.legend(handles, [classes[i] for i in present], loc="lower center", ncol=4, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    save_figure(fig, path)
+
+
 def text_figure(path: str | Path, text: str) -> None:
     """A small PNG that says why a figure is missing, so a declared output always exists."""
     fig, axis = plt.subplots(figsize=(6, 1.6))

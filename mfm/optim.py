@@ -1,7 +1,8 @@
 """A training stage's optimiser and per-step schedule, built the same way for every stage.
 
 timm does the work: AdamW without weight decay on 1-D params and biases (optionally with
-layer-wise lr decay) and a per-step warmup + cosine schedule. Base learning rates are given
+layer-wise lr decay) and a per-step warmup + cosine schedule (poly decay for segmentation, as
+the UPerNet recipes do). Base learning rates are given
 per 512 images and scaled linearly with the global batch, as the paper does.
 """
 
@@ -11,7 +12,8 @@ from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from mfm.errors import UserError
@@ -40,17 +42,21 @@ def build_scheduler(
     total_steps: int,
     warmup_steps: int,
     min_lr: float,
-) -> CosineLRScheduler:
-    """Per-step linear warmup then cosine decay to ``min_lr`` (timm honours ``lr_scale``)."""
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, total_steps - warmup_steps),
-        lr_min=min_lr,
-        warmup_t=warmup_steps,
-        warmup_lr_init=min_lr,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    poly_power: float | None = None,
+) -> Scheduler:
+    """Per-step linear warmup then cosine decay to ``min_lr`` (timm honours ``lr_scale``);
+    with ``poly_power``, poly decay ``(1 - t / T) ** power`` instead."""
+    common = {
+        "t_initial": max(1, total_steps - warmup_steps),
+        "lr_min": min_lr,
+        "warmup_t": warmup_steps,
+        "warmup_lr_init": min_lr,
+        "warmup_prefix": True,
+        "t_in_epochs": False,
+    }
+    if poly_power is not None:
+        return PolyLRScheduler(optimizer, power=poly_power, **common)
+    return CosineLRScheduler(optimizer, **common)
 
 
 def optimizer_and_schedule(
@@ -59,10 +65,11 @@ def optimizer_and_schedule(
     num_images: int,
     stage: str,
     layer_decay: float | None = None,
-) -> tuple[torch.optim.Optimizer, CosineLRScheduler, float, int]:
+) -> tuple[torch.optim.Optimizer, Scheduler, float, int]:
     """AdamW and its per-step schedule from a stage's params section (``batch_size``, ``lr``
     and ``min_lr`` per 512 images, ``epochs``, ``warmup_epochs``, ``weight_decay``,
-    ``betas``); returns them with the scaled lr and the steps per epoch."""
+    ``betas``, and ``poly_power`` where the section has one); returns them with the scaled lr
+    and the steps per epoch."""
     if num_images < recipe.batch_size:
         raise UserError(
             f"{stage}.batch_size = {recipe.batch_size} exceeds the {num_images} training "
@@ -76,5 +83,6 @@ def optimizer_and_schedule(
         total_steps=recipe.epochs * steps_per_epoch,
         warmup_steps=round(recipe.warmup_epochs * steps_per_epoch),
         min_lr=scaled_lr(recipe.min_lr, recipe.batch_size),
+        poly_power=getattr(recipe, "poly_power", None),
     )
     return optimizer, scheduler, lr, steps_per_epoch

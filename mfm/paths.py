@@ -8,9 +8,11 @@ from pathlib import Path
 
 PREPARED_DIR = Path("data/prepared")
 CORRUPTED_DIR = Path("data/corrupted")
+SCENES_DIR = Path("data/scenes")  # segmentation scenes built from the prepared images
 PRETRAIN_DIR = Path("results/pretrain")
 FINETUNE_DIR = Path("results/finetune")
 ROBUSTNESS_DIR = Path("results/robustness")
+SEGMENT_DIR = Path("results/segment")
 EXPORT_DIR = Path("results/export")
 METRICS_DIR = Path("metrics")
 
@@ -50,6 +52,10 @@ class RunDirs:
         return self._under(FINETUNE_DIR)
 
     @property
+    def segment(self) -> Path:
+        return self._under(SEGMENT_DIR)
+
+    @property
     def robustness(self) -> Path:
         return self._under(ROBUSTNESS_DIR)
 
@@ -67,6 +73,7 @@ class RunDirs:
             "pretrain": {"out_dir": self.pretrain},
             "linprobe": {"pretrain_dir": self.pretrain},
             "finetune": {"pretrain_dir": self.pretrain, "out_root": self.finetune},
+            "segment": {"pretrain_dir": self.pretrain, "out_root": self.segment},
             "robustness": {"finetune_dir": self.finetune, "out_dir": self.robustness},
             "export": {"finetune_dir": self.finetune, "export_dir": self.export},
         }.get(stage, {})

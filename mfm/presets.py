@@ -34,6 +34,7 @@ from mfm.overrides import apply_overrides
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 ROOT_PLACEHOLDER = "/path/to/imagenet"
+ADE20K_PLACEHOLDER = "/path/to/ADEChallengeData2016"
 _MISSING = object()
 
 
@@ -254,20 +255,29 @@ def _restrict(clean: Any, raw: Any) -> Any:
     return raw if same else clean
 
 
+# section -> (placeholder root, the dataset a real root in params.yaml must be for, what it holds)
+PLACEHOLDER_ROOTS = {
+    "data": (ROOT_PLACEHOLDER, "imagefolder", "your ImageNet folder (train/ and val/ inside)"),
+    "segment": (
+        ADE20K_PLACEHOLDER,
+        "ade20k",
+        "your ADE20K folder (ADEChallengeData2016: images/ and annotations/ inside)",
+    ),
+}
+
+
 def _fill_root(merged: dict[str, Any], current: Mapping[str, Any], name: str) -> None:
-    """Replace the preset's placeholder root by the image folder params.yaml already reads,
-    or stop and ask for ``-S data.root=...``."""
-    data = merged.get("data")
-    if not isinstance(data, dict) or data.get("root") != ROOT_PLACEHOLDER:
-        return
-    old = current.get("data") or {}
-    if old.get("dataset") == "imagefolder" and old.get("root") not in (None, ROOT_PLACEHOLDER):
-        data["root"] = old["root"]
-        return
-    raise UserError(
-        f"preset {name} needs your ImageNet folder (train/ and val/ inside): "
-        f"add -S data.root={ROOT_PLACEHOLDER}"
-    )
+    """Replace a preset's placeholder root by the folder params.yaml already reads for that
+    dataset, or stop and ask for ``-S <section>.root=...``."""
+    for section, (placeholder, dataset, holds) in PLACEHOLDER_ROOTS.items():
+        values = merged.get(section)
+        if not isinstance(values, dict) or values.get("root") != placeholder:
+            continue
+        old = current.get(section) or {}
+        if old.get("dataset") == dataset and old.get("root") not in (None, placeholder):
+            values["root"] = old["root"]
+            continue
+        raise UserError(f"preset {name} needs {holds}: add -S {section}.root={placeholder}")
 
 
 def _override_args(key: str, value: Any, present: bool) -> list[str]:

@@ -39,13 +39,15 @@ def test_every_stage_command_is_the_cli() -> None:
         assert {k: tuple(v) for k, v in stage["matrix"].items()} == variants
 
 
-def test_finetune_wildcard_expands_to_the_cli_choices() -> None:
-    """The default target runs finetune once per CLI choice of --init, as DVC's matrix does."""
+def test_init_wildcards_expand_to_the_cli_choices() -> None:
+    """The default target runs finetune and segment once per CLI choice of --init, as DVC's
+    matrix does."""
     from mfm.cli import VARIANTS
 
     out = dry_run("--forceall")
-    inits = re.findall(r"wildcards: init=(\w+)", out)
-    assert sorted(inits) == sorted(VARIANTS["finetune"]["init"])
+    for rule in ("finetune", "segment"):
+        jobs = re.findall(rf"rule {rule}:\n(?:.*\n)*?    wildcards: init=(\w+)", out)
+        assert sorted(jobs) == sorted(VARIANTS[rule]["init"]), rule
 
 
 def dry_run(*args: str) -> str:

@@ -30,6 +30,9 @@ EXPECTED = {
     "vit_b16_deblur": ("vit_base_patch16_224", "deblur", None, 100),
     "vit_b16_denoise": ("vit_base_patch16_224", "denoise", None, 100),
 }
+# Segmentation recipes: only the segment section, applied after an encoder's preset.
+SEGMENTATION = {"vit_b16_ade20k"}
+ADE_OVERRIDE = "segment.root=/data/ADEChallengeData2016"
 
 
 def repo_params() -> dict:
@@ -65,7 +68,7 @@ def params_file(tmp_path: Path) -> Path:
 
 
 def test_the_table_covers_every_preset() -> None:
-    assert presets.available() == sorted(EXPECTED)
+    assert presets.available() == sorted({*EXPECTED, *SEGMENTATION})
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -190,7 +193,7 @@ def test_the_preset_command_never_imports_torch(params_file: Path) -> None:
 def test_list_names_every_preset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["preset", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == sorted(EXPECTED)
+    assert [line.split()[0] for line in lines] == sorted({*EXPECTED, *SEGMENTATION})
     assert all("ImageNet-1k" in line for line in lines)
 
 
@@ -241,3 +244,32 @@ def test_delete_override() -> None:
     assert raw == {"model": {"kwargs": {"depth": 6}}}
     with pytest.raises(UserError, match="cannot be deleted"):
         apply_overrides(copy.deepcopy(raw), ["~model.depth"])
+
+
+def test_the_ade20k_preset_is_the_mae_upernet_recipe(params_file: Path) -> None:
+    presets.apply("vit_b16_mfm", params_file, [ROOT_OVERRIDE])
+    presets.apply("vit_b16_ade20k", params_file, [ADE_OVERRIDE])
+    params = load_params(params_file)
+    seg = params.segment
+    assert params.model.name == "vit_base_patch16_224"  # the encoder's preset is kept
+    assert (seg.dataset, seg.root, seg.crop_size, seg.batch_size) == (
+        "ade20k",
+        "/data/ADEChallengeData2016",
+        512,
+        16,
+    )
+    iterations = seg.epochs * (20210 // seg.batch_size)
+    assert 160_000 <= iterations < 161_000  # the paper's 160k iterations
+    assert seg.lr * seg.batch_size / 512 == pytest.approx(1e-4)
+    assert (seg.layer_decay, seg.drop_path_rate, seg.poly_power) == (0.65, 0.1, 1.0)
+    assert (seg.eval_mode, seg.slide_stride(), seg.eval_short_side) == ("slide", 341, 512)
+    assert seg.vit_blocks == [3, 5, 7, 11] and seg.channels == 768
+    assert round(seg.warmup_epochs * (20210 // seg.batch_size)) == pytest.approx(1500, abs=2)
+
+
+def test_the_ade20k_root_comes_from_an_override_or_the_params(params_file: Path) -> None:
+    with pytest.raises(UserError, match=r"add -S segment.root=/path/to/ADEChallengeData2016"):
+        presets.apply("vit_b16_ade20k", params_file, [])
+    presets.apply("vit_b16_ade20k", params_file, [ADE_OVERRIDE])
+    presets.apply("vit_b16_ade20k", params_file, [])  # again: the root already set is kept
+    assert load_params(params_file).segment.root == "/data/ADEChallengeData2016"

@@ -31,6 +31,15 @@ TINY_PARAMS: dict[str, Any] = {
     "linprobe": {"train_limit": 400, "c_grid": [0.1, 1.0]},
     "finetune": {"epochs": 1, "batch_size": 64, "log_every": 5},
     "robustness": {"num_images": 16, "severities": [1, 3]},
+    "segment": {
+        "epochs": 1,
+        "batch_size": 16,
+        "crop_size": 32,
+        "resize": [32, 32],
+        "channels": 16,
+        "log_every": 2,
+        "scenes": {"size": 32, "train": 64, "test": 16, "scale": [1.0, 2.0]},
+    },
     "runtime": {"device": "cpu", "seed": 0, "workers": 0},
 }
 

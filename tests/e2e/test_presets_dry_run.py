@@ -24,17 +24,22 @@ def test_every_preset_dry_runs_through_dvc_and_snakemake(
     tree = make_image_tree(tmp_path / "imagenet")  # train/ and val/, two classes of PNGs
     project = make_project()
     for name in available():
-        project.run("python", "-m", "mfm", "preset", name, "-S", f"data.root={tree}")
         preset = yaml.safe_load((project.path / "presets" / f"{name}.yaml").read_text())
+        section = "segment" if "segment" in preset else "data"  # whose root is a placeholder
+        root = tmp_path / "ADEChallengeData2016" if section == "segment" else tree
+        project.run("python", "-m", "mfm", "preset", name, "-S", f"{section}.root={root}")
         # DVC reads the preset's values from params.yaml ...
         diff = json.loads(project.run("dvc", "params", "diff", "--json").stdout)["params.yaml"]
-        assert diff["model.name"]["new"] == preset["model"]["name"], name
-        assert diff["data.root"]["new"] == str(tree), name
+        if "model" in preset:
+            assert diff["model.name"]["new"] == preset["model"]["name"], name
+        assert diff[f"{section}.root"]["new"] == str(root), name
         # ... and plans every stage. Plain `dvc repro --dry` stops at the first stage whose
         # upstream output is missing (it hashes deps for the run cache): --force skips that.
         planned = project.run("dvc", "repro", "--dry", "--force").stdout
         stages = re.findall(r"Running stage '([^']+)'", planned)
         assert {"pretrain", "finetune@mfm", "finetune@scratch"} <= set(stages), name
+        assert {"segment@mfm", "segment@scratch"} <= set(stages), name
         jobs = project.run("snakemake", "-n").stdout  # the Snakefile validates params.yaml
         assert re.search(r"^pretrain +1$", jobs, re.MULTILINE), name
         assert re.search(r"^finetune +2$", jobs, re.MULTILINE), name
+        assert re.search(r"^segment +2$", jobs, re.MULTILINE), name

@@ -30,6 +30,12 @@ OUTPUTS = [
     "metrics/finetune_scratch.json",
     "results/finetune/mfm/classifier.pt",
     "results/finetune/scratch/predictions.csv",
+    "metrics/scenes.json",
+    "data/scenes/classes.txt",
+    "metrics/segment_mfm.json",
+    "metrics/segment_scratch.json",
+    "results/segment/mfm/model.pt",
+    "results/segment/scratch/overlay.png",
     "metrics/corrupt.json",
     "data/corrupted/glass_blur.npy",
     "metrics/robustness_mfm.json",
@@ -44,6 +50,9 @@ STAGES = (
     "linprobe",
     "finetune_mfm",
     "finetune_scratch",
+    "scenes",
+    "segment_mfm",
+    "segment_scratch",
     "corrupt",
     "robustness_mfm",
     "robustness_scratch",
@@ -55,7 +64,13 @@ def metrics(project: Project, stage: str) -> dict:
     return json.loads((project.path / "metrics" / f"{stage}.json").read_text())
 
 
-TIMING_KEYS = {"images_per_second", "seconds", "train_seconds", "latency"}
+TIMING_KEYS = {
+    "images_per_second",
+    "eval_images_per_second",
+    "seconds",
+    "train_seconds",
+    "latency",
+}
 
 
 def untimed(stage_metrics: dict) -> dict:
@@ -88,6 +103,9 @@ def test_dvc_repro_caches_and_reruns_only_what_changed(dvc_run: DvcRun) -> None:
         "linprobe",
         "finetune@mfm",
         "finetune@scratch",
+        "scenes",
+        "segment@mfm",
+        "segment@scratch",
         "corrupt",
         "robustness",
         "export",

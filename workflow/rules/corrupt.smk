@@ -18,6 +18,7 @@ rule corrupt:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/robustness_metrics.py",
+        "mfm/segment_params.py",
     output:
         directory("data/corrupted"),
         "metrics/corrupt.json",

@@ -20,6 +20,7 @@ rule export:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/predict.py",
+        "mfm/segment_params.py",
         "mfm/timing.py",
     output:
         "results/export/model.onnx",

@@ -26,6 +26,7 @@ rule finetune:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
         "mfm/tracking.py",
     output:
         "results/finetune/{init}/classifier.pt",

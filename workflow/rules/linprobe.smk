@@ -21,6 +21,7 @@ rule linprobe:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
     output:
         "metrics/linprobe.json",
     log:

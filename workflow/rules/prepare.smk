@@ -21,6 +21,7 @@ rule prepare:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/prepare.py",
+        "mfm/segment_params.py",
     output:
         directory("data/prepared"),
         "metrics/prepare.json",

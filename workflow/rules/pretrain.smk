@@ -26,6 +26,7 @@ rule pretrain:
         "mfm/paths.py",
         "mfm/pretrain.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
         "mfm/spatial_mask.py",
         "mfm/tracking.py",
     output:

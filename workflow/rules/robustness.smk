@@ -28,6 +28,7 @@ rule robustness:
         "mfm/robustness.py",
         "mfm/robustness_metrics.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
     output:
         expand("results/robustness/{init}/heatmap.png", init=INITS),
         expand("metrics/robustness_{init}.json", init=INITS),

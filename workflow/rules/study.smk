@@ -40,6 +40,7 @@ rule study_pretrain:
         "mfm/paths.py",
         "mfm/pretrain.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
         "mfm/spatial_mask.py",
         "mfm/tracking.py",
     output:
@@ -86,6 +87,7 @@ rule study_linprobe:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
     output:
         "results/study/runs/{variant}/seed{seed}/metrics/linprobe.json",
     log:
@@ -127,6 +129,7 @@ rule study_finetune:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
         "mfm/tracking.py",
     output:
         "results/study/runs/{variant}/seed{seed}/finetune/mfm/classifier.pt",
@@ -177,6 +180,7 @@ rule study_scratch:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
         "mfm/tracking.py",
     output:
         "results/study/runs/scratch/seed{seed}/finetune/scratch/classifier.pt",
@@ -231,6 +235,7 @@ rule study_robustness:
         "mfm/robustness.py",
         "mfm/robustness_metrics.py",
         "mfm/seeding.py",
+        "mfm/segment_params.py",
     output:
         "results/study/runs/{variant}/seed{seed}/robustness/mfm/heatmap.png",
         "results/study/runs/{variant}/seed{seed}/robustness/scratch/heatmap.png",
@@ -287,6 +292,7 @@ rule study:
         "mfm/paths.py",
         "mfm/report.py",
         "mfm/seed_stats.py",
+        "mfm/segment_params.py",
         "mfm/study.py",
     output:
         "results/study/study.md",
