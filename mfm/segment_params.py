@@ -33,7 +33,7 @@ class ScenesParams(_Section):
     with class 0. Train scenes use training images only, test scenes test images only."""
 
     size: int = Field(64, ge=16, description="Canvas side in pixels.")
-    train: int = Field(2000, ge=1, description="Training scenes.")
+    train: int = Field(1600, ge=1, description="Training scenes.")
     test: int = Field(500, ge=1, description="Test scenes.")
     objects: tuple[int, int] = Field((2, 4), description="[min, max] objects per scene.")
     scale: tuple[float, float] = Field(
@@ -82,11 +82,9 @@ class SegmentParams(_Section):
     eval_stride: int | None = Field(
         None, ge=1, description="Sliding-window stride (null = 2/3 of the crop, as mmseg)."
     )
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=2)
-    lr: float = Field(
-        3.2e-3, gt=0.0, description="Base lr per 512 images (1e-4 at batch 16, MAE's recipe)."
-    )
+    lr: float = Field(1.6e-2, gt=0.0, description="Base lr per 512 images (5e-4 at batch 16).")
     min_lr: float = Field(0.0, ge=0.0)
     warmup_epochs: float = Field(0.5, ge=0.0)
     poly_power: float = Field(1.0, gt=0.0, description="Poly decay exponent after warmup.")

@@ -199,6 +199,14 @@ def tiny_training_params(
         },
         "pretrain": {"epochs": pretrain_epochs, "batch_size": batch_size, "warmup_epochs": 0.0},
         "finetune": {"epochs": finetune_epochs, "batch_size": batch_size},
+        "segment": {
+            "epochs": finetune_epochs,
+            "batch_size": batch_size // 2,
+            "crop_size": 32,
+            "resize": [32, 32],
+            "channels": 16,
+            "scenes": {"size": 32, "train": 4 * batch_size, "test": 8, "scale": [1.5, 2.5]},
+        },
         "runtime": {"device": "cpu", "workers": 0},
     }
 

@@ -23,6 +23,8 @@ from mfm.engine import TrainLoop
 from mfm.errors import UserError
 from mfm.optim import build_optimizer, build_scheduler
 from mfm.prepare import run as prepare
+from mfm.scenes import run as scenes
+from mfm.segmentation_model import load_segmenter
 from tests.conftest import cpu_loop_config, tiny_training_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +132,15 @@ def test_pretrain_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     tuned = _stage(projects["ddp"], *torchrun, "--nproc-per-node", "2", stage="finetune --init mfm")
     assert 0 <= tuned["top1"] <= 100 and tuned["epochs"] == 1
     assert (projects["ddp"] / "results/finetune/mfm/classifier.pt").is_file()
+    # segment: BatchNorm synced across the ranks, rank 0 scores; the model loads without DDP
+    scenes(
+        Params.model_validate(TINY),
+        projects["ddp"] / "data/prepared",
+        projects["ddp"] / "data/scenes",
+    )
+    seg = _stage(projects["ddp"], *torchrun, "--nproc-per-node", "2", stage="segment --init mfm")
+    assert 0 <= seg["miou"] <= 100 and seg["recipe"]["epochs"] == 1
+    model, info = load_segmenter(projects["ddp"] / "results/segment/mfm/model.pt")
+    assert info["init"] == "mfm" and not any(
+        isinstance(m, nn.SyncBatchNorm) for m in model.modules()
+    )

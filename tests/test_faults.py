@@ -15,6 +15,7 @@ import yaml
 
 from mfm.config import Params
 from mfm.prepare import run as prepare
+from mfm.scenes import run as scenes
 from tests.conftest import tiny_training_params
 
 TINY = tiny_training_params(4, 3, 32)
@@ -25,14 +26,21 @@ STAGES = {
         "metrics/finetune_mfm.json",
         "top1",
     ),
+    "segment --init mfm": (
+        "results/segment/mfm/model.pt",
+        "metrics/segment_mfm.json",
+        "miou",
+    ),
 }
-TIMING = ("images_per_second", "train_seconds", "resumed_from_epoch")
+TIMING = ("images_per_second", "eval_images_per_second", "train_seconds", "resumed_from_epoch")
 
 
 def _project(root: Path) -> Path:
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    prepare(Params.model_validate(TINY), root / "data/prepared")
+    params = Params.model_validate(TINY)
+    prepare(params, root / "data/prepared")
+    scenes(params, root / "data/prepared", root / "data/scenes")  # segment's data
     return root
 
 

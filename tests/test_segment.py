@@ -130,3 +130,28 @@ def test_cli_takes_an_init_and_reports_bad_params(capsys: pytest.CaptureFixture[
     assert main(["segment", "--init", "mfm", "-S", "segment.eval_stride=999"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "eval_stride" in err
+
+
+def test_a_bad_mask_stops_before_training_and_keeps_earlier_results(
+    project: tuple[Params, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    params, root = project
+    scenes = tmp_path / "scenes"
+    shutil.copytree(root / "scenes", scenes)
+    bad = sorted((scenes / "masks" / "test").iterdir())[3]
+    labels = np.array(Image.open(bad))
+    labels[0, 0] = 77  # neither one of the 11 classes nor the ignore index
+    Image.fromarray(labels).save(bad)
+    out = tmp_path / "segment" / "scratch"
+    out.mkdir(parents=True)
+    (out / "model.pt").write_bytes(b"an earlier run's model")
+    with pytest.raises(UserError, match=rf"{bad.name}.*77") as caught:
+        run(params, "scratch", root / "prepared", root / "pretrain", tmp_path / "segment", scenes)
+    assert "\n" not in str(caught.value)
+    assert (out / "model.pt").read_bytes() == b"an earlier run's model"
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # no checkpoint, no curves

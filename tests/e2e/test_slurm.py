@@ -31,7 +31,7 @@ pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.
 
 FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
 PROFILE = "profiles/slurm"
-GPU_RULES = ("pretrain", "finetune")
+GPU_RULES = ("pretrain", "finetune", "segment")
 # The job names the plugin gives sbatch's --comment: rule_<rule>[_wildcards_<values>].
 JOBS = {
     "rule_prepare": "prepare",
@@ -39,6 +39,9 @@ JOBS = {
     "rule_linprobe": "linprobe",
     "rule_finetune_wildcards_mfm": "finetune",
     "rule_finetune_wildcards_scratch": "finetune",
+    "rule_scenes": "scenes",
+    "rule_segment_wildcards_mfm": "segment",
+    "rule_segment_wildcards_scratch": "segment",
     "rule_corrupt": "corrupt",
     "rule_robustness": "robustness",
     "rule_export": "export",
