@@ -24,6 +24,8 @@ ROWS = (
     ("linear probe top-1, baseline: raw pixels", "linprobe", "logreg_top1", RAW_PIXELS),
     ("weighted k-NN top-1, baseline: raw pixels", "linprobe", "knn_top1", RAW_PIXELS),
     ("fine-tune top-1", "finetune", "top1", SCRATCH),
+    ("segmentation mIoU", "segment", "miou", SCRATCH),
+    ("segmentation pixel accuracy", "segment", "pixel_accuracy", SCRATCH),
     ("corrupted-set clean error (%)", "robustness", "clean_error", SCRATCH),
     ("mCE (scratch = 100)", "robustness", "mce", SCRATCH),
     ("relative mCE (scratch = 100)", "robustness", "relative_mce", SCRATCH),
@@ -37,7 +39,8 @@ def _read(stage: str, variant: str | None, root: Path) -> dict[str, Any] | None:
 
 
 def metric_value(stage: str, where: tuple[str, str], root: Path) -> float | None:
-    """linprobe keeps both encoders in one file; finetune and robustness one file per init."""
+    """linprobe keeps both encoders in one file; finetune, segment and robustness one file
+    per init."""
     group, key = where
     data = _read(stage, None, root) if stage == "linprobe" else _read(stage, group, root)
     if data is None:

@@ -22,7 +22,11 @@ def test_table_pairs_each_stage_with_its_baseline(tmp_path: Path, capsys) -> Non
     )
     _write(tmp_path, "finetune_mfm", {"top1": 90.5})
     _write(tmp_path, "finetune_scratch", {"top1": 88.0})
+    _write(tmp_path, "segment_mfm", {"miou": 30.25, "pixel_accuracy": 85.0})
+    _write(tmp_path, "segment_scratch", {"miou": 27.0, "pixel_accuracy": 84.5})
     lines = table(tmp_path).splitlines()
+    assert "| segmentation mIoU | 30.25 | 27.00 | +3.25 |" in lines
+    assert "| segmentation pixel accuracy | 85.00 | 84.50 | +0.50 |" in lines
     assert "| linear probe (logistic regression) top-1 | 80.00 | 70.00 | +10.00 |" in lines
     assert "| fine-tune top-1 | 90.50 | 88.00 | +2.50 |" in lines
     assert not any("k-NN" in line for line in lines)  # the random k-NN is missing
