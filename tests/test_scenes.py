@@ -190,7 +190,22 @@ def test_rgb_arrays_give_rgb_scenes(tmp_path: Path) -> None:
     assert (images[masks > 0] > CFG.threshold).all()
 
 
-def test_manifest_data_is_refused(tmp_path: Path) -> None:
+def test_image_folders_give_scenes_of_their_photos(tmp_path: Path) -> None:
+    """A manifest (image folder) split: photos decoded when drawn, shrunk to objects; train
+    scenes from train photos only. Train photos are bright red, test photos bright green."""
+    photos = tmp_path / "photos"
+    rows = {"train": [], "test": []}
+    for split, colour in (("train", (250, 40, 40)), ("test", (40, 250, 40))):
+        for index in range(4):
+            path = photos / split / f"{index}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (90 + 10 * index, 60), colour).save(path, quality=95)
+            rows[split].append((f"{split}/{index}.jpg", index % 2))
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for split, entries in rows.items():
+        lines = ["path,label", *(f"{p},{label}" for p, label in entries)]
+        (prepared / f"{split}.csv").write_text("\n".join(lines) + "\n")
     meta = DatasetMeta(
         dataset="imagefolder",
         kind="manifest",
@@ -200,15 +215,20 @@ def test_manifest_data_is_refused(tmp_path: Path) -> None:
         image_size=None,
         mean=[0.5] * 3,
         std=[0.25] * 3,
-        num_train=2,
-        num_test=2,
-        source="/photos",
+        num_train=4,
+        num_test=4,
+        source=str(photos),
     )
-    save_meta(meta, tmp_path / "prepared")
-    with pytest.raises(UserError, match="segment.dataset to folder or ade20k") as err:
-        build_scenes(tmp_path / "prepared", CFG, 0, tmp_path / "scenes")
-    assert "\n" not in str(err.value)
-    assert not (tmp_path / "scenes").exists()
+    save_meta(meta, prepared)
+    cfg = ScenesParams(size=32, train=6, test=3, objects=(1, 1), scale=(1.0, 1.0))
+    stats = build_scenes(prepared, cfg, 0, tmp_path / "scenes")
+    assert stats["num_classes"] == 3 and stats["train_pixel_fraction"]["background"] < 1
+    for split, channel in (("train", 0), ("test", 1)):
+        images, masks = read_split(tmp_path / "scenes", split)
+        objects = images[masks > 0]
+        assert len(objects) and (objects[:, channel] > 200).all(), split
+        # the one object is at most 0.45 of the canvas wide: 14 px of a 32 px canvas
+        assert (masks > 0).sum(axis=2).max() <= 14
 
 
 def test_missing_prepared_data_is_a_user_error(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ images only, so the test score never rewards memorised pretraining images.
 
 The scenes are written in the generic "folder" layout (:mod:`mfm.data.segmentation_sets`):
 ``images/{train,test}/00000.png``, ``masks/{train,test}/00000.png`` (0 = background, class
-c + 1 for an object of prepared class c) and ``classes.txt``.
+c + 1 for an object of prepared class c) and ``classes.txt``. Image folders work too: their
+photos are decoded when drawn and shrunk to objects of the canvas; bright pixels (most of a
+photo) make the object, so they segment as overlapping labelled patches.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mfm.data.meta import PREPARE_HINT, Split, load_meta
+from mfm.data.meta import PREPARE_HINT, DatasetMeta, Split, load_meta
+from mfm.data.prepared import read_manifest
 from mfm.errors import UserError
 from mfm.io import atomic_dir
 from mfm.segment_params import ScenesParams
 
 BACKGROUND = "background"
 CLASSES_FILE = "classes.txt"
+# Image-folder photos become objects of this fraction of the canvas (28 px garments on 64 px)
+FILE_OBJECT_SIDE = 0.45
 MAX_PENDING_WRITES = 512  # PNGs drawn but not yet written: bounds memory on big builds
 SPLITS: tuple[Split, Split] = ("train", "test")
 # Per axis, at most this share of an object may hang off the canvas: 1/sqrt(2) of each side
@@ -108,16 +113,49 @@ def _scene_objects(
     return objects
 
 
+class FileObjects:
+    """The images of a manifest split (image folders), decoded when a scene draws one: grey
+    or RGB as the prepared data, the longer side scaled to ``side`` (an array data set's
+    native size plays that part), so photos become objects of a canvas like garments do."""
+
+    def __init__(self, paths: list[str], channels: int, side: int) -> None:
+        self.paths, self.mode, self.side = paths, "L" if channels == 1 else "RGB", side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        try:
+            with Image.open(self.paths[index]) as image:
+                image = image.convert(self.mode)
+                image.thumbnail((self.side, self.side), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image)
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"{self.paths[index]} is not a readable image ({err.__class__.__name__}); "
+                "remove or replace it, then rerun prepare"
+            ) from None
+        return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
 def _load_split(
-    prepared_dir: Path, split: Split, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A prepared split's images (memory-mapped) and labels; an empty split, or labels
-    outside meta.json's classes, mean the prepared data is stale or damaged."""
-    paths = [prepared_dir / f"{split}_{part}.npy" for part in ("images", "labels")]
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path} not found; {PREPARE_HINT}")
-    images, labels = np.load(paths[0], mmap_mode="r"), np.load(paths[1])
+    prepared_dir: Path, split: Split, meta: DatasetMeta, side: int
+) -> tuple[np.ndarray | FileObjects, np.ndarray]:
+    """A prepared split's images (memory-mapped arrays, or files decoded on demand) and
+    labels; an empty split, or labels outside meta.json's classes, mean the prepared data is
+    stale or damaged."""
+    num_classes = len(meta.classes)
+    if meta.kind == "manifest":
+        files, targets = read_manifest(prepared_dir / f"{split}.csv", meta.source)
+        images: np.ndarray | FileObjects = FileObjects(files, meta.channels, side)
+        labels = np.asarray(targets, dtype=np.int64)
+        paths = [prepared_dir / f"{split}.csv"]
+    else:
+        paths = [prepared_dir / f"{split}_{part}.npy" for part in ("images", "labels")]
+        for path in paths:
+            if not path.is_file():
+                raise UserError(f"{path} not found; {PREPARE_HINT}")
+        images, labels = np.load(paths[0], mmap_mode="r"), np.load(paths[1])
     if (
         len(images) == 0
         or len(images) != len(labels)
@@ -136,8 +174,9 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 def _write_split(
     rng: np.random.Generator,
-    source: tuple[np.ndarray, np.ndarray],
+    source: tuple[np.ndarray | FileObjects, np.ndarray],
     cfg: ScenesParams,
+    channels: int,
     count: int,
     out_dir: Path,
     split: Split,
@@ -158,7 +197,7 @@ def _write_split(
         jobs: deque[Future[None]] = deque()
         for number in range(count):
             objects = _scene_objects(rng, images, labels, cfg)
-            image, label_map = compose_scene(cfg.size, images.shape[3], objects, cfg.threshold)
+            image, label_map = compose_scene(cfg.size, channels, objects, cfg.threshold)
             pixels += np.bincount(label_map.ravel(), minlength=num_classes)[:num_classes]
             name = f"{number:05d}.png"
             jobs.append(pool.submit(_save_png, image, image_dir / name))
@@ -179,11 +218,6 @@ def build_scenes(prepared_dir: Path, cfg: ScenesParams, seed: int, out_dir: Path
     """
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     meta = load_meta(prepared_dir)
-    if meta.kind != "arrays":
-        raise UserError(
-            f"{prepared_dir} holds image files ({meta.dataset}, kind {meta.kind}); scenes need "
-            "an array data set: set segment.dataset to folder or ade20k instead"
-        )
     classes = [BACKGROUND, *meta.classes]
     if len(classes) > 255:
         raise UserError(
@@ -194,9 +228,11 @@ def build_scenes(prepared_dir: Path, cfg: ScenesParams, seed: int, out_dir: Path
     pixels: dict[str, np.ndarray] = {}
     with atomic_dir(out_dir) as tmp:
         for split, count, stream in zip(SPLITS, (cfg.train, cfg.test), streams, strict=True):
-            source = _load_split(prepared_dir, split, len(meta.classes))
+            source = _load_split(prepared_dir, split, meta, round(cfg.size * FILE_OBJECT_SIDE))
             rng = np.random.default_rng(stream)
-            pixels[split] = _write_split(rng, source, cfg, count, tmp, split, len(classes))
+            pixels[split] = _write_split(
+                rng, source, cfg, meta.channels, count, tmp, split, len(classes)
+            )
         (tmp / CLASSES_FILE).write_text("".join(f"{name}\n" for name in classes))
     fractions = pixels["train"] / pixels["train"].sum()
     return {
