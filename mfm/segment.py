@@ -105,7 +105,7 @@ def _train(
     if init == "mfm":
         report = load_pretrained_encoder(model, pretrain_dir / "encoder.pt")
         log.info("segment: encoder loaded; not loaded: %s", report)
-    if here.distributed:
+    if here.distributed and device.type == "cuda":  # torch syncs BatchNorm on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     trained = wrap(model, here, device)
