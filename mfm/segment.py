@@ -162,7 +162,7 @@ def _train(
     if here.is_main:
         info = segmenter_info(meta, params, init, classes)
         save_segmenter(model, spec, info, out_dir / "model.pt")
-        _overlay(last, out_dir / "overlay.png", classes, init, cfg.overlay_images)
+        _overlay(last, out_dir / "overlay.png", classes, init)
     barrier(here)
     return {
         "init": init,
@@ -191,14 +191,12 @@ def _overlay(
     path: Path,
     classes: list[str],
     init: str,
-    count: int,
 ) -> None:
     """The last evaluation's first test images with ground truth and prediction overlaid (the
     last epoch always runs in this process: a finished run's checkpoint is never resumed)."""
-    evaluation: SegmentationEvaluation = last["evaluation"]
-    samples = evaluation.samples
+    evaluation: SegmentationEvaluation = last["evaluation"]  # kept overlay_images samples
     miou = last["scores"]["miou"]
-    segmentation_overlay(samples[:count], classes, path, f"segment[{init}]: mIoU {miou:.1f} %")
+    segmentation_overlay(evaluation.samples, classes, path, f"segment[{init}]: mIoU {miou:.1f} %")
 
 
 def segmenter_info(

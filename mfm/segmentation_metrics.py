@@ -2,8 +2,8 @@
 
 All of them come from one (K, K) confusion matrix summed over the whole test set (rows =
 ground truth, columns = prediction), as mmseg computes them: per-image averages would weight
-small images like large ones. torchmetrics keeps the matrix, so it sums across DDP processes
-and drops ``IGNORE_INDEX`` pixels itself.
+small images like large ones. torchmetrics keeps the matrix and drops ``IGNORE_INDEX``
+pixels itself.
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ from mfm.segment_params import IGNORE_INDEX
 class ConfusionMeter:
     """A running (K, K) confusion matrix over pixels whose label is not ``IGNORE_INDEX``.
 
-    Under DDP every process must call ``compute`` (it gathers the other processes' counts).
+    Local to the process that updates it: the stages score the test set on rank 0 alone, so
+    ``compute`` must not wait for the other ranks (torchmetrics' default would gather from
+    them and deadlock while they wait for rank 0's scores).
     """
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.metric = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+        self.metric = MulticlassConfusionMatrix(
+            num_classes, ignore_index=IGNORE_INDEX, sync_on_compute=False
+        )
 
     def to(self, device: torch.device | str) -> ConfusionMeter:
         """Keep the counts on the device the predictions are on; returns the meter."""
