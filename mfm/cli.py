@@ -43,6 +43,7 @@ VARIANTS = {"finetune": {"init": INITS}, "segment": {"init": INITS}}
 BENCH_HELP = "time MFM vs supervised steps on synthetic images; prints JSON (img/s, FFT share)"
 PREDICT_HELP = "classify image files or folders with the ONNX model (onnxruntime, no torch)"
 REPORT_HELP = "print MFM vs random/scratch from metrics/*.json as a Markdown table"
+IMPORT_HELP = "a released checkpoint (the authors' MFM, MAE, timm) as our encoder or classifier"
 PRESET_HELP = "merge one of the paper's recipes (presets/NAME.yaml) into params.yaml"
 
 
@@ -118,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", default=None, help="write .csv or .json (default: print)")
     report = commands.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     report.add_argument("--root", default=".", help="project root holding metrics/")
+    imports = commands.add_parser("import", help=IMPORT_HELP, description=IMPORT_HELP)
+    _add_params_arguments(imports)
+    imports.add_argument("file", metavar="FILE", help="the checkpoint (.pth/.pt)")
+    imports.add_argument(
+        "--format", default=None, help="mfm-vit|mfm-resnet|mae|timm|project (default: detect)"
+    )
+    imports.add_argument(
+        "--as",
+        dest="kind",
+        choices=("pretrain", "finetune", "scratch"),
+        default=None,
+        help="encoder for pretrain.weights, classifier for finetune.weights, or the baseline "
+        "classifier for finetune.scratch_weights (default: a file with a head is finetune)",
+    )
+    imports.add_argument("--out", default=None, metavar="PATH", help="default: weights/<name>.*.pt")
+    imports.add_argument(
+        "--write-params",
+        action="store_true",
+        help="set <stage>.weights and the architecture (model.*, data.img_size) in params.yaml",
+    )
     preset = commands.add_parser("preset", help=PRESET_HELP, description=PRESET_HELP)
     _add_params_arguments(preset)
     preset.add_argument("name", nargs="?", metavar="NAME", help="preset name (see --list)")
@@ -198,6 +219,38 @@ def run_preset(args: argparse.Namespace) -> str:
     return presets.apply(args.name, args.params, args.overrides)
 
 
+def run_import(args: argparse.Namespace) -> str:
+    """Convert a checkpoint, write the project's file and, on request, the params for it."""
+    from mfm import presets
+    from mfm.data.meta import load_meta
+    from mfm.paths import PREPARED_DIR
+    from mfm.weights_import import WEIGHTS_KEYS, describe, import_file, read_weights
+
+    converted = read_weights(args.file, args.format)
+    arch = converted.architecture
+    values = arch.param_values() if arch and args.write_params else {}
+    extra = [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    params = load_params(args.params, [*args.overrides, *extra])
+    try:  # the prepared data decide channels and classes; before prepare, the file does
+        meta = load_meta(PREPARED_DIR, params.data.dataset)
+        channels, classes = meta.channels, meta.num_classes
+    except UserError:
+        channels, classes = None, None
+    target, kind = import_file(converted, args.file, params, channels, classes, args.kind, args.out)
+    lines = describe(converted, target, kind)
+    if args.write_params:
+        why = f"import of {Path(args.file).name}"
+        values[WEIGHTS_KEYS[kind]] = str(target)
+        lines.append(presets.set_values(args.params, values, why))
+        lines.append("next: dvc repro (or snakemake --cores all)")
+    else:
+        lines.append(
+            f"next: set {WEIGHTS_KEYS[kind]}: {target} in params.yaml, then dvc repro "
+            f"(or: dvc exp run -S {WEIGHTS_KEYS[kind]}={target})"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
@@ -214,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.stage == "preset":  # edits params.yaml; prints text, not metrics
             print(run_preset(args))
+            return 0
+        if args.stage == "import":
+            print(run_import(args))
             return 0
         if args.stage == "bench":
             metrics = run_bench(args)

@@ -154,6 +154,11 @@ class PretrainParams(StrictModel):
     """MFM (or a restoration or spatial-masking baseline) pretraining recipe."""
 
     pretext: PretextName = "mfm"
+    weights: str | None = Field(
+        None,
+        description="A released checkpoint under weights/ to import instead of training "
+        "(python -m mfm import FILE sets it); null = pretrain.",
+    )
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1.5e-3, gt=0.0, description="Base lr per 512 images (linear scaling).")
@@ -230,6 +235,16 @@ class FinetuneParams(StrictModel):
             )
         return value
 
+    weights: str | None = Field(
+        None,
+        description="A released fine-tuned classifier under weights/ that init=mfm imports "
+        "and scores instead of fine-tuning; null = fine-tune.",
+    )
+    scratch_weights: str | None = Field(
+        None,
+        description="A released classifier trained from random init (e.g. timm's DeiT) that "
+        "init=scratch imports instead of training the baseline; null = train it.",
+    )
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0.0, description="Base lr per 512 images (linear scaling).")

@@ -35,7 +35,7 @@ def reconstruction_figure(
     images: torch.Tensor,
     masks: torch.Tensor,
     corrupted: torch.Tensor,
-    predictions: torch.Tensor,
+    predictions: torch.Tensor | None,
     path: str | Path,
     title: str,
     mask_title: str = "kept frequencies",
@@ -44,9 +44,12 @@ def reconstruction_figure(
     the spatial baseline), input, prediction.
 
     ``predictions`` should be the model's missing bins (or pixels) completed with the kept
-    ones, since the loss never scores what the input already has.
+    ones, since the loss never scores what the input already has. None (imported weights
+    without a pixel head) leaves the last column out.
     """
     columns = ["image", "log spectrum", mask_title, "corrupted input", "reconstruction"]
+    if predictions is None:
+        columns = columns[:-1]
     spectra = log_spectrum(images).cpu()
     rows = images.shape[0]
     fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows))
@@ -57,8 +60,9 @@ def reconstruction_figure(
             (spectra[row], "magma"),
             (masks[row].float().cpu().reshape(masks.shape[-2:]), "gray"),
             _as_image(corrupted[row]),
-            _as_image(predictions[row]),
         ]
+        if predictions is not None:
+            panels.append(_as_image(predictions[row]))
         for col, (data, cmap) in enumerate(panels):
             axis = axes[row, col]
             axis.imshow(data.numpy(), cmap=cmap, interpolation="nearest")

@@ -34,6 +34,7 @@ from mfm.distributed import World, barrier, broadcast, setup, teardown, wrap
 from mfm.engine import TrainLoop, stage_loop_config
 from mfm.errors import UserError
 from mfm.evaluation import evaluate
+from mfm.imported_outputs import write_imported_outputs
 from mfm.io import atomic_path
 from mfm.models import (
     build_classifier,
@@ -43,6 +44,7 @@ from mfm.models import (
 )
 from mfm.optim import optimizer_and_schedule
 from mfm.paths import FINETUNE_DIR, PREPARED_DIR, PRETRAIN_DIR
+from mfm.weights_import import classifier_from, read_weights, report_of
 
 log = logging.getLogger("mfm.finetune")
 
@@ -141,6 +143,11 @@ def run(
     if init not in INITS:
         raise UserError(f"finetune --init {init!r}: choose one of {', '.join(INITS)}")
     torch.manual_seed(params.runtime.seed)
+    weights = imported_weights(params.finetune, init)
+    if weights:
+        device = resolve_device(params.runtime.device)
+        out_dir = Path(out_root) / init
+        return _import(params, init, Path(weights), Path(prepared_dir), out_dir, device)
     here, device = setup(resolve_device(params.runtime.device))
     try:
         return _train(
@@ -240,6 +247,33 @@ def _train(
         "images_per_second": result.images_per_second,
         "resumed_from_epoch": result.resumed_from,
     }
+
+
+def imported_weights(cfg: FinetuneParams, init: str) -> str | None:
+    """The released classifier ``init`` uses instead of training, if params name one."""
+    return cfg.weights if init == "mfm" else cfg.scratch_weights
+
+
+def _import(
+    params: Params, init: str, path: Path, prepared_dir: Path, out_dir: Path, device: torch.device
+) -> dict[str, Any]:
+    """The classifier at ``path`` instead of training, scored on the test split and written as
+    the stage writes a trained one (robustness and export read it)."""
+    meta = load_meta(prepared_dir, params.data.dataset)
+    converted = read_weights(path)
+    model, spec = classifier_from(converted, params, meta.channels, meta.num_classes, str(path))
+    img_size, runtime = params.data.img_size, params.runtime
+    test_set = image_dataset(prepared_dir, "test", img_size, train=False)
+    model = model.to(device)
+    scores, labels, preds = evaluate(model, test_set, meta, img_size, 256, device, runtime.workers)
+    info = {**classifier_info(meta, params, init), "imported_from": str(path)}
+    save_classifier(model, spec, info, out_dir / "classifier.pt")
+    write_predictions(out_dir / "predictions.csv", labels, preds, meta.classes)
+    tally = {f"test_{name}": value for name, value in scores.items()}
+    write_imported_outputs(out_dir, model, training_config(params, init), tally)
+    log.info("finetune[%s]: imported %s (%s) instead of training", init, path, converted.format)
+    report = report_of(converted, path, len(model.state_dict()))
+    return {"init": init, "epochs": 0, **scores, "imported": report.as_metrics()}
 
 
 def classifier_info(meta: DatasetMeta, params: Params, init: str) -> dict[str, Any]:

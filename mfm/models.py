@@ -241,16 +241,27 @@ def _small_image_stride(img_size: int, stride: int) -> int:
     return out
 
 
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """The timm model a stored spec describes (encoder or classifier), freshly initialised."""
+    return _create_backbone(spec)
+
+
 def encoder_from_spec(spec: dict[str, Any]) -> Encoder:
     """Rebuild an encoder from the plain-dict spec stored in a checkpoint."""
     return Encoder(_create_backbone(spec), spec)
 
 
-def save_encoder(encoder: Encoder, path: str | Path) -> None:
-    """Weights plus the spec that rebuilds the architecture, as plain tensors and dicts."""
+def save_encoder(
+    encoder: Encoder, path: str | Path, pixel_head: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Weights plus the spec that rebuilds the architecture, as plain tensors and dicts (and,
+    for imported MFM weights, the pixel head they shipped with, for reconstructions)."""
     from mfm.io import save_torch
 
-    save_torch({"spec": encoder.spec, "state_dict": encoder.backbone.state_dict()}, path)
+    blob: dict[str, Any] = {"spec": encoder.spec, "state_dict": encoder.backbone.state_dict()}
+    if pixel_head:
+        blob["pixel_head"] = pixel_head
+    save_torch(blob, path)
 
 
 def _load_blob(path: str | Path, keys: set[str], what: str, stage: str) -> dict[str, Any]:

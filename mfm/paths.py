@@ -9,6 +9,7 @@ from pathlib import Path
 PREPARED_DIR = Path("data/prepared")
 CORRUPTED_DIR = Path("data/corrupted")
 SCENES_DIR = Path("data/scenes")  # segmentation scenes built from the prepared images
+WEIGHTS_DIR = Path("weights")  # imported checkpoints (python -m mfm import), a stage dependency
 PRETRAIN_DIR = Path("results/pretrain")
 FINETUNE_DIR = Path("results/finetune")
 ROBUSTNESS_DIR = Path("results/robustness")

@@ -110,11 +110,7 @@ def apply(name: str, params_file: str | Path, overrides: list[str]) -> str:
     changed = _changes(plan.current, plan.target)
     if not changed:
         return f"{plan.path}: already has preset {name}; nothing changed"
-    _sync(plan.document, plan.target)
-    text = io.StringIO()
-    _round_trip().dump(plan.document, text)
-    with atomic_path(plan.path) as tmp:
-        tmp.write_text(text.getvalue())
+    _write(plan)
     head = f"{plan.path}: preset {name} applied, {len(changed)} values changed:"
     tail = "next: dvc repro (or dvc exp run), or snakemake --cores all"
     return "\n".join([head, *changed, tail])
@@ -147,13 +143,44 @@ def as_overrides(name: str, params_file: str | Path, overrides: list[str]) -> li
     return args
 
 
+def set_values(params_file: str | Path, values: Mapping[str, Any], why: str) -> str:
+    """Write dotted-key ``values`` into ``params_file`` (comments kept, validated, atomic),
+    the way a preset is merged; returns the changed lines."""
+    preset: dict[str, Any] = {}
+    for key, value in values.items():
+        *sections, last = key.split(".")
+        node = preset
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[last] = copy.deepcopy(value)
+    plan = _plan_from(preset, why, params_file, [])
+    changed = _changes(plan.current, plan.target)
+    if not changed:
+        return f"{plan.path}: already set for {why}; nothing changed"
+    _write(plan)
+    return "\n".join([f"{plan.path}: {len(changed)} values set for {why}:", *changed])
+
+
+def _write(plan: _Plan) -> None:
+    _sync(plan.document, plan.target)
+    text = io.StringIO()
+    _round_trip().dump(plan.document, text)
+    with atomic_path(plan.path) as tmp:
+        tmp.write_text(text.getvalue())
+
+
 def _plan(name: str, params_file: str | Path, overrides: list[str]) -> _Plan:
     """Read both files, merge, apply the overrides, fill ``data.root`` and validate."""
+    return _plan_from(_plain(_read(preset_file(name))), name, params_file, overrides)
+
+
+def _plan_from(
+    preset: dict[str, Any], name: str, params_file: str | Path, overrides: list[str]
+) -> _Plan:
     path = Path(params_file)
     if not path.is_file():
         raise UserError(f"{path} not found; run from the project root or pass --params PATH")
     document = _read(path)
-    preset = _plain(_read(preset_file(name)))
     current = _plain(document)
     merged = copy.deepcopy(current)
     merge(merged, preset)

@@ -25,15 +25,19 @@ from mfm.distributed import World, setup, teardown, wrap
 from mfm.engine import TrainLoop, stage_loop_config
 from mfm.figures import reconstruction_figure
 from mfm.frequency import build_corruption, filter_spectrum
+from mfm.imported_outputs import write_imported_outputs
 from mfm.losses import build_loss
 from mfm.models import MFMModel, build_encoder, encoder_patch_size, pretext_model, save_encoder
 from mfm.optim import optimizer_and_schedule
 from mfm.paths import PREPARED_DIR, PRETRAIN_DIR
 from mfm.spatial_mask import check_geometry
+from mfm.timm_folder import write_timm_folder
+from mfm.weights_import import encoder_from, read_weights, report_of
 
 log = logging.getLogger("mfm.pretrain")
 
 FIGURE_IMAGES = 4
+TIMING_KEYS = ("images_per_second", "train_seconds")
 
 
 def training_config(params: Params) -> dict[str, Any]:
@@ -57,6 +61,8 @@ def run(
     """
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     torch.manual_seed(params.runtime.seed)
+    if params.pretrain.weights:
+        return _import(params, prepared_dir, out_dir, resolve_device(params.runtime.device))
     here, device = setup(resolve_device(params.runtime.device))
     try:
         return _train(params, prepared_dir, out_dir, here, device)
@@ -115,7 +121,7 @@ def _train(
     if here.is_main:
         save_encoder(encoder, out_dir / "encoder.pt")
         save_reconstructions(model, corruption, meta, params, prepared_dir, out_dir, device)
-    return {
+    metrics = {
         "pretext": cfg.pretext,
         "epochs": cfg.epochs,
         "final_loss": result.last_loss,
@@ -125,6 +131,66 @@ def _train(
         "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
         "lr": lr,
         "processes": here.size,
+    }
+    if here.is_main:
+        write_timm_folder(encoder, out_dir / "timm", model_card(params, meta, metrics))
+    return metrics
+
+
+def _import(
+    params: Params, prepared_dir: Path, out_dir: Path, device: torch.device
+) -> dict[str, Any]:
+    """The encoder from ``pretrain.weights`` instead of training: the same outputs, with the
+    shipped pixel head (the authors' MFM files have one) drawing the reconstructions."""
+    meta = load_meta(prepared_dir, params.data.dataset)
+    path = Path(params.pretrain.weights)
+    converted = read_weights(path)
+    encoder = encoder_from(converted, params, meta.channels, str(path))
+    model = pretext_model(encoder, meta.channels, params.pretrain.pretext)
+    has_head = _load_pixel_head(model, converted.pixel_head)
+    save_encoder(encoder, out_dir / "encoder.pt", converted.pixel_head)
+    corruption = build_corruption(params.pretrain).to(device)
+    save_reconstructions(
+        model.to(device), corruption, meta, params, prepared_dir, out_dir, device, has_head
+    )
+    report = report_of(converted, path, len(encoder.backbone.state_dict()))
+    metrics = {
+        "pretext": params.pretrain.pretext,
+        "imported": report.as_metrics(),
+        "pixel_head": has_head,
+        "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
+    }
+    write_imported_outputs(out_dir, model, training_config(params), {"imported": 1.0})
+    write_timm_folder(encoder, out_dir / "timm", model_card(params, meta, metrics))
+    log.info("pretrain: imported %s (%s) instead of training", path, converted.format)
+    return metrics
+
+
+def _load_pixel_head(model: MFMModel, head: dict[str, torch.Tensor] | None) -> bool:
+    """Put a shipped pixel head in place when it fits this model (same stride and channels)."""
+    own = model.head.state_dict()
+    if not head or set(head) != set(own):
+        return False
+    if any(head[key].shape != own[key].shape for key in own):
+        return False
+    model.head.load_state_dict(head)
+    return True
+
+
+def model_card(params: Params, meta: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the timm folder's README says about these weights (no timings, so the same run
+    gives the same folder)."""
+    recipe = params.pretrain.model_dump(mode="json", exclude={"checkpoint_every", "log_every"})
+    results = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+    return {
+        "title": f"{params.model.name}: {params.pretrain.pretext} pretraining on {meta.dataset}",
+        "mean": list(meta.mean),
+        "std": list(meta.std),
+        "img_size": params.data.img_size,
+        "pretext": params.pretrain.pretext,
+        "dataset": meta.dataset,
+        "recipe": recipe,
+        "metrics": results,
     }
 
 
@@ -137,9 +203,11 @@ def save_reconstructions(
     prepared_dir: Path,
     out_dir: Path,
     device: torch.device,
+    predict: bool = True,
 ) -> None:
     """Corrupt a few test images with a fixed seed and draw what the model predicts, completed
-    with what the input kept (the loss never scores that part)."""
+    with what the input kept (the loss never scores that part); ``predict`` False draws the
+    inputs only (a model without a trained head)."""
     test_set = image_dataset(prepared_dir, "test", params.data.img_size, train=False)
     count = min(FIGURE_IMAGES, len(test_set))
     images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
@@ -164,7 +232,7 @@ def save_reconstructions(
         clean,
         mask,
         corrupted,
-        completed,
+        completed if predict else None,
         out_dir / "reconstruction.png",
         title=f"{params.pretrain.pretext} pretext on {meta.dataset}",
         mask_title="kept pixels" if spatial else "kept frequencies",

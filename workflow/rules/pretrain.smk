@@ -4,6 +4,8 @@
 rule pretrain:
     input:
         "data/prepared",
+        "weights",
+        "mfm/checkpoint_formats.py",
         "mfm/checkpoints.py",
         "mfm/config.py",
         "mfm/data/augment.py",
@@ -18,6 +20,7 @@ rule pretrain:
         "mfm/errors.py",
         "mfm/figures.py",
         "mfm/frequency.py",
+        "mfm/imported_outputs.py",
         "mfm/io.py",
         "mfm/losses.py",
         "mfm/models.py",
@@ -25,13 +28,17 @@ rule pretrain:
         "mfm/overrides.py",
         "mfm/paths.py",
         "mfm/pretrain.py",
+        "mfm/safe_load.py",
         "mfm/seeding.py",
         "mfm/segment_params.py",
         "mfm/spatial_mask.py",
+        "mfm/timm_folder.py",
         "mfm/tracking.py",
+        "mfm/weights_import.py",
     output:
         "results/pretrain/encoder.pt",
         "results/pretrain/reconstruction.png",
+        directory("results/pretrain/timm"),
         "metrics/pretrain.json",
         directory("results/pretrain/live/plots/metrics"),
     log:
