@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 
 import mfm.finetune
@@ -88,6 +89,14 @@ def test_every_stage_runs_on_each_family(family: str, prepared: Path, tmp_path: 
     with torch.no_grad():
         feature_map = encoder.feature_map(torch.zeros(1, 1, IMG_SIZE, IMG_SIZE))
     assert feature_map.shape == (1, encoder.num_features, side, side)
+    # the stage's timm folder is the same encoder for anyone with timm alone
+    shared = timm.create_model(f"local-dir:{pretrain_dir / 'timm'}", pretrained=True).eval()
+    images = torch.randn(2, 1, IMG_SIZE, IMG_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            shared.forward_features(images), encoder.backbone.forward_features(images)
+        )
+    assert "final_loss" in (pretrain_dir / "timm" / "README.md").read_text()
 
     probed = mfm.linprobe.run(params, prepared, pretrain_dir)
     json.dumps(probed)
