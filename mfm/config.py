@@ -316,8 +316,22 @@ class ExportParams(StrictModel):
 class RuntimeParams(StrictModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
-    workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        0,
+        description="DataLoader worker processes per training process; auto = the CPUs this "
+        "job may use (SLURM's allocation included) over this node's processes, minus one.",
+    )
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
+    loader: Literal["pil", "device"] = Field(
+        "pil",
+        description="How pretraining reads image folders: pil = decode and crop in the "
+        "workers; device = workers read bytes, the training device decodes (nvJPEG on CUDA).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the training model (pretrain, finetune, segment); saved "
+        "weights stay plain. Off by default: on a CPU it costs more than it saves.",
+    )
 
 
 VARIANT_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"

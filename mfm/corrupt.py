@@ -22,7 +22,6 @@ an ``if __name__ == "__main__":`` guard (``python -m mfm corrupt`` has one).
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from mfm.config import Params
 from mfm.corrupted_set import CLEAN_FILE, INFO_FILE, LABELS_FILE
+from mfm.data.workers import usable_cpus
 from mfm.errors import UserError
 from mfm.io import atomic_dir, write_json
 from mfm.paths import CORRUPTED_DIR, PREPARED_DIR
@@ -293,13 +293,11 @@ def build(
 
 
 def _workers(params: Params) -> int:
-    """``runtime.workers`` processes, or one per CPU this process may use when it is 0 (a
-    SLURM job's allocation, not the whole node)."""
-    if params.runtime.workers:
-        return params.runtime.workers
-    if hasattr(os, "sched_getaffinity"):  # Linux
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+    """``runtime.workers`` processes, or one per CPU this process may use when it is 0 or
+    auto (a SLURM job's allocation, not the whole node)."""
+    if params.runtime.workers and params.runtime.workers != "auto":
+        return int(params.runtime.workers)
+    return usable_cpus()
 
 
 def run(

@@ -82,12 +82,15 @@ def per_rank_batch(global_batch: int, here: World, key: str) -> int:
     return global_batch // here.size
 
 
-def wrap(model: nn.Module, here: World, device: torch.device) -> nn.Module:
-    """DDP around ``model`` when there are several ranks; the model itself otherwise."""
-    if not here.distributed:
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+def wrap(model: nn.Module, here: World, device: torch.device, compile: bool = False) -> nn.Module:
+    """What the training step calls: DDP around ``model`` when there are several ranks, the
+    model itself otherwise, compiled on request. ``model`` itself stays plain, so what is
+    saved from it has no ``_orig_mod.``/``module.`` prefixes."""
+    wrapped = model
+    if here.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(wrapped) if compile else wrapped
 
 
 def sum_over_ranks(values: list[float], here: World, device: torch.device) -> list[float]:

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from mfm.data.augment import device_augment, normalizer
 from mfm.data.loaders import make_loader
 from mfm.data.meta import DatasetMeta
+from mfm.data.workers import Workers
 from mfm.errors import UserError
 
 TOP_K = 5
@@ -119,7 +120,7 @@ def evaluate(
     img_size: int,
     batch_size: int,
     device: torch.device,
-    workers: int = 0,
+    workers: Workers = 0,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Top-1/top-5 (percent) and mean cross-entropy of ``model`` on ``dataset`` (uint8
     images, preprocessed as at test time); also the labels and top-1 predictions."""

@@ -40,6 +40,7 @@ from mfm.models import (
     build_classifier,
     fixed_input_size,
     load_encoder_weights,
+    place,
     save_classifier,
 )
 from mfm.optim import optimizer_and_schedule
@@ -181,8 +182,8 @@ def _train(
     if init == "mfm":
         report = load_encoder_weights(model, pretrain_dir / "encoder.pt")
         log.info("finetune: encoder loaded; new: %s; dropped: %s", *report.values())
-    model = model.to(device)
-    trained = wrap(model, here, device)
+    model = place(model, device)
+    trained = wrap(model, here, device, params.runtime.compile)
 
     train_set = _train_dataset(prepared_dir, meta, params)
     test_set = image_dataset(prepared_dir, "test", img_size, train=False)
@@ -264,7 +265,7 @@ def _import(
     model, spec = classifier_from(converted, params, meta.channels, meta.num_classes, str(path))
     img_size, runtime = params.data.img_size, params.runtime
     test_set = image_dataset(prepared_dir, "test", img_size, train=False)
-    model = model.to(device)
+    model = place(model, device)
     scores, labels, preds = evaluate(model, test_set, meta, img_size, 256, device, runtime.workers)
     info = {**classifier_info(meta, params, init), "imported_from": str(path)}
     save_classifier(model, spec, info, out_dir / "classifier.pt")

@@ -148,3 +148,26 @@ def mfu_figures(
         mfu_note=note,
     )
     return out
+
+
+# -- the training stages ------------------------------------------------------------------
+def training_utilisation(
+    local_step_flops: int,
+    images_per_second: float,
+    global_batch: int,
+    device: torch.device,
+    amp_on: bool,
+) -> dict[str, Any]:
+    """MFU keys for a training stage's metrics: one process's FLOPs per step times the steps
+    a second the whole run made (every process steps together), over one GPU's peak."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    peak, precision, _ = _peak(device, name, amp_on, None)
+    achieved = local_step_flops * images_per_second / global_batch / 1e12
+    return {
+        "step_gflop": local_step_flops / 1e9,
+        "achieved_tflops": achieved,
+        "peak_tflops": peak,
+        "peak_precision": precision,
+        "mfu": achieved / peak if peak else None,
+        "device_name": name,
+    }

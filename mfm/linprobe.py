@@ -30,6 +30,7 @@ from mfm.data.augment import device_augment, normalizer
 from mfm.data.datasets import image_dataset
 from mfm.data.loaders import make_loader
 from mfm.data.meta import DatasetMeta, load_meta
+from mfm.data.workers import Workers
 from mfm.device import resolve_device
 from mfm.errors import UserError
 from mfm.models import Encoder, encoder_from_spec, load_encoder, token_pooling
@@ -103,7 +104,7 @@ def extract_features(
     img_size: int,
     batch_size: int,
     device: torch.device | str,
-    workers: int = 0,
+    workers: Workers = 0,
     desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``features`` (N, D) float32 of ``dataset``'s images as evaluation preprocesses them

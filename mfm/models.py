@@ -33,6 +33,22 @@ def fixed_input_size(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed")
 
 
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``; conv nets on CUDA in channels-last layout, which cuDNN's
+    tensor-core kernels read without transposes (CPU runs keep the layout their results
+    were computed in)."""
+    model = model.to(device)
+    if channels_last(model, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``place`` lays ``model`` out channels-last: a conv net (no patch embedding
+    anywhere in it) on a CUDA device."""
+    return device.type == "cuda" and not any(fixed_input_size(m) for m in model.modules())
+
+
 def token_pooling(model: nn.Module) -> bool:
     """Whether ``model`` pools a token sequence by a named pool type that ``reset_classifier``
     switches (the ViT family: 'avg' over the patch tokens, 'token' for the class token); CNNs

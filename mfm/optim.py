@@ -31,10 +31,25 @@ def build_optimizer(
     betas: tuple[float, float],
     layer_decay: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW through timm: no decay on 1-D params and biases, optional layer-wise lr decay."""
+    """AdamW through timm: no decay on 1-D params and biases, optional layer-wise lr decay;
+    fused into one kernel per step when the model is on a GPU."""
+    extra = {"fused": True} if fused_adamw(model) else {}
     return create_optimizer_v2(
-        model, opt="adamw", lr=lr, weight_decay=weight_decay, betas=betas, layer_decay=layer_decay
+        model,
+        opt="adamw",
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        layer_decay=layer_decay,
+        **extra,
     )
+
+
+def fused_adamw(model: nn.Module) -> bool:
+    """Whether every param is on a CUDA device, where fused AdamW saves the per-tensor kernel
+    launches. CPU runs keep torch's default AdamW, whose rounding the committed results have."""
+    params = list(model.parameters())
+    return bool(params) and all(p.is_cuda for p in params)
 
 
 def build_scheduler(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,25 @@ import torch
 from mfm.config import Params
 from mfm.data.augment import device_augment, normalizer
 from mfm.data.datasets import image_dataset
+from mfm.data.device_decode import batch_collate, batch_images, decodes_on_device
 from mfm.data.loaders import epoch_batches
 from mfm.data.meta import load_meta
 from mfm.device import resolve_device
 from mfm.distributed import World, setup, teardown, wrap
 from mfm.engine import TrainLoop, stage_loop_config
 from mfm.figures import reconstruction_figure
+from mfm.flops import count_flops, training_utilisation
 from mfm.frequency import build_corruption, filter_spectrum
 from mfm.imported_outputs import write_imported_outputs
 from mfm.losses import build_loss
-from mfm.models import MFMModel, build_encoder, encoder_patch_size, pretext_model, save_encoder
+from mfm.models import (
+    MFMModel,
+    build_encoder,
+    encoder_patch_size,
+    place,
+    pretext_model,
+    save_encoder,
+)
 from mfm.optim import optimizer_and_schedule
 from mfm.paths import PREPARED_DIR, PRETRAIN_DIR
 from mfm.spatial_mask import check_geometry
@@ -81,24 +91,27 @@ def _train(
     spatial = cfg.pretext == "mim"  # the model must know which patches are hidden
     if spatial:
         check_geometry(cfg.mim, img_size, encoder_patch_size(encoder))
-    model = pretext_model(encoder, meta.channels, cfg.pretext).to(device)
-    trained = wrap(model, here, device)
+    model = place(pretext_model(encoder, meta.channels, cfg.pretext), device)
+    trained = wrap(model, here, device, params.runtime.compile)
     corruption = build_corruption(cfg).to(device)
     loss_fn = build_loss(cfg)
     augment = device_augment(meta, img_size, train=True, crop_scale=cfg.crop_scale).to(device)
     normalize = normalizer(meta).to(device)
 
-    train_set = image_dataset(prepared_dir, "train", img_size, True, cfg.crop_scale)
+    on_device = decodes_on_device(runtime.loader, meta.kind)
+    train_set = image_dataset(prepared_dir, "train", img_size, True, cfg.crop_scale, on_device)
     optimizer, scheduler, lr, steps_per_epoch = optimizer_and_schedule(
         model, cfg, len(train_set), "pretrain"
     )
 
-    def step(batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        images = batch[0].to(device, non_blocking=True)
+    def step(
+        batch: list[torch.Tensor], net: torch.nn.Module = trained
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch_images(batch, on_device, img_size, meta.channels, device)
         clean = augment(images)
         corrupted, mask = corruption.corrupt(clean)
         inputs = (normalize(corrupted), mask) if spatial else (normalize(corrupted),)
-        prediction = trained(*inputs)
+        prediction = net(*inputs)
         return loss_fn(prediction, normalize(clean), mask), {}
 
     settings = stage_loop_config(
@@ -116,7 +129,8 @@ def _train(
         here.size,
     )
     started = time.perf_counter()
-    batches = epoch_batches(train_set, cfg.batch_size, runtime.seed, runtime.workers, here)
+    collate = batch_collate(on_device)
+    batches = epoch_batches(train_set, cfg.batch_size, runtime.seed, runtime.workers, here, collate)
     result = loop.fit(batches)
     if here.is_main:
         save_encoder(encoder, out_dir / "encoder.pt")
@@ -132,9 +146,26 @@ def _train(
         "lr": lr,
         "processes": here.size,
     }
+    if device.type == "cuda":  # MFU on GPUs (FLOPs of one step of the plain model)
+        batch = next(iter(batches(0, 0)))
+        flops = step_flops(lambda: step(batch, model)[0], model, device)
+        metrics |= training_utilisation(
+            flops, result.images_per_second, cfg.batch_size, device, runtime.amp
+        )
     if here.is_main:
         write_timm_folder(encoder, out_dir / "timm", model_card(params, meta, metrics))
     return metrics
+
+
+def step_flops(
+    loss: Callable[[], torch.Tensor], model: torch.nn.Module, device: torch.device
+) -> int:
+    """FLOPs of one forward and backward pass, counted without touching the run: the random
+    streams are restored and the gradients dropped afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        flops = count_flops(lambda: loss().backward())
+    model.zero_grad(set_to_none=True)
+    return flops
 
 
 def _import(

@@ -28,7 +28,7 @@ from mfm.distributed import World, barrier, broadcast, setup, teardown, wrap
 from mfm.engine import TrainLoop, stage_loop_config
 from mfm.errors import UserError
 from mfm.figures import segmentation_overlay
-from mfm.models import fixed_input_size
+from mfm.models import fixed_input_size, place
 from mfm.optim import optimizer_and_schedule
 from mfm.paths import PREPARED_DIR, PRETRAIN_DIR, SCENES_DIR, SEGMENT_DIR
 from mfm.segment_params import IGNORE_INDEX
@@ -107,8 +107,8 @@ def _train(
         log.info("segment: encoder loaded; not loaded: %s", report)
     if here.distributed and device.type == "cuda":  # torch syncs BatchNorm on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    trained = wrap(model, here, device)
+    model = place(model, device)
+    trained = wrap(model, here, device, params.runtime.compile)
 
     layer_decay = cfg.layer_decay if fixed_input_size(model.backbone) else None
     optimizer, scheduler, lr, steps_per_epoch = optimizer_and_schedule(

@@ -10,10 +10,12 @@ whose config does not match its weights fails to load instead of re-initialising
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from timm.models import save_for_hf
 
 from mfm.io import atomic_dir
@@ -90,6 +92,8 @@ def write_timm_folder(encoder: Encoder, out_dir: Path, card: dict[str, Any]) -> 
     rendered as nested lists). The folder is replaced atomically.
     """
     backbone = encoder.backbone
+    if any(not p.is_contiguous() for p in backbone.parameters()):  # channels-last CNNs
+        backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
     if backbone.num_classes != 0:
         raise ValueError(f"the backbone has a {backbone.num_classes}-class head; expected 0")
     out_dir = Path(out_dir)

@@ -19,6 +19,7 @@ from mfm.data.meta import PREPARE_HINT, Split, load_meta
 from mfm.data.prepared import read_manifest
 from mfm.errors import UserError
 
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (timm's and torchvision's)
 EVAL_CROP_RATIO = 0.875  # evaluation resizes to img_size / 0.875, then centre-crops img_size
 # The pretraining recipe's crop area range (its params default), for callers that give none.
 PRETRAIN_CROP_SCALE: CropScale = PretrainParams.model_fields["crop_scale"].default
@@ -127,6 +128,7 @@ def image_transform(
         return transforms_imagenet_train(
             img_size,
             scale=tuple(crop_scale),
+            ratio=CROP_RATIO,
             hflip=0.0,
             color_jitter=None,  # None leaves colour jitter out (0 would add an identity step)
             interpolation="bicubic",
@@ -143,8 +145,11 @@ def image_dataset(
     img_size: int,
     train: bool,
     crop_scale: CropScale = PRETRAIN_CROP_SCALE,
+    decode_on_device: bool = False,
 ) -> Dataset:
-    """The prepared ``split`` as a Dataset of (uint8 (C, H, W), label)."""
+    """The prepared ``split`` as a Dataset of (uint8 (C, H, W), label); with
+    ``decode_on_device``, training images of a manifest come as (file bytes, crop box, label)
+    for ``mfm.data.device_decode`` (arrays are unaffected)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     prepared_dir = Path(prepared_dir)
@@ -154,5 +159,9 @@ def image_dataset(
             prepared_dir / f"{split}_images.npy", prepared_dir / f"{split}_labels.npy"
         )
     paths, labels = read_manifest(prepared_dir / f"{split}.csv", meta.source)
+    if decode_on_device and train:
+        from mfm.data.device_decode import EncodedCrops
+
+        return EncodedCrops(paths, labels, tuple(crop_scale), CROP_RATIO)
     transform = image_transform(img_size, train, crop_scale)
     return ManifestImages(paths, labels, transform, meta.channels)

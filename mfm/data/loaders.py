@@ -15,8 +15,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mfm.data.datasets import ArrayImages
+from mfm.data.workers import Workers, resolve_workers
 from mfm.distributed import World, per_rank_batch
 from mfm.seeding import sample_seed, seeded
+
+PREFETCH_BATCHES = 4  # per worker (torch's default is 2)
 
 
 class GlobalBatchShard(Sampler[int]):
@@ -84,7 +87,7 @@ def make_loader(
     batch_size: int,
     shuffle: bool,
     seed: int,
-    workers: int,
+    workers: Workers,
     drop_last: bool,
     epoch: int = 0,
 ) -> DataLoader:
@@ -111,6 +114,9 @@ def _seeded_loader(dataset: Dataset, seed: int, epoch: int, **options: Any) -> D
     augmentation) where the training loop left it."""
     generator = torch.Generator()
     generator.manual_seed(seed + epoch)
+    options["num_workers"] = resolve_workers(options["num_workers"], dataset)
+    if options["num_workers"]:  # keep a GPU fed across the main process's slower steps
+        options["prefetch_factor"] = PREFETCH_BATCHES
     return DataLoader(dataset, generator=generator, pin_memory=torch.cuda.is_available(), **options)
 
 
@@ -118,10 +124,11 @@ def training_loader(
     dataset: Dataset,
     global_batch: int,
     seed: int,
-    workers: int,
+    workers: Workers,
     epoch: int,
     here: World | None = None,
     start_batch: int = 0,
+    collate: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """This process's share of each shuffled global batch of ``epoch`` (full batches only),
     from global batch ``start_batch`` on, each sample drawn under its own seed.
@@ -143,15 +150,23 @@ def training_loader(
         sampler=sampler,
         num_workers=workers,
         drop_last=True,
+        collate_fn=collate,
     )
 
 
 def epoch_batches(
-    dataset: Dataset, global_batch: int, seed: int, workers: int, here: World
+    dataset: Dataset,
+    global_batch: int,
+    seed: int,
+    workers: Workers,
+    here: World,
+    collate: Callable[[list[Any]], Any] | None = None,
 ) -> Callable[[int, int], DataLoader]:
     """The ``epoch -> first global batch -> batches`` feed the training loop asks for."""
 
     def batches(epoch: int, start_batch: int) -> DataLoader:
-        return training_loader(dataset, global_batch, seed, workers, epoch, here, start_batch)
+        return training_loader(
+            dataset, global_batch, seed, workers, epoch, here, start_batch, collate
+        )
 
     return batches

@@ -9,6 +9,7 @@ rule export:
         "mfm/config.py",
         "mfm/data/augment.py",
         "mfm/data/datasets.py",
+        "mfm/data/device_decode.py",
         "mfm/data/files.py",
         "mfm/data/meta.py",
         "mfm/data/prepared.py",
