@@ -40,7 +40,10 @@ RELOCATABLE = ("pretrain", "linprobe", "finetune", "segment", "robustness", "exp
 VARIANTS = {"finetune": {"init": INITS}, "segment": {"init": INITS}}
 
 
-BENCH_HELP = "time MFM vs supervised steps on synthetic images; prints JSON (img/s, FFT share)"
+BENCH_HELP = (
+    "time MFM vs supervised steps on synthetic images, and with --data the input path on an "
+    "image folder; prints JSON (img/s, FFT share)"
+)
 PREDICT_HELP = "classify image files or folders with the ONNX model (onnxruntime, no torch)"
 REPORT_HELP = "print MFM vs random/scratch from metrics/*.json as a Markdown table"
 IMPORT_HELP = "a released checkpoint (the authors' MFM, MAE, timm) as our encoder or classifier"
@@ -58,6 +61,16 @@ def _add_params_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a param, e.g. -S pretrain.epochs=3 (repeatable)",
     )
+
+
+def _workers_option(text: str) -> int | str:
+    """``bench --workers``: a count or ``auto``, as ``runtime.workers`` takes."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or auto: {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mfu", action="store_true", help="count FLOPs; MFU on known GPUs")
     bench.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for --mfu (implies --mfu)"
+    )
+    bench.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="also time pretrain's loader on this image folder (train/<class>/*, val/), alone "
+        "and feeding the step",
+    )
+    bench.add_argument(
+        "--workers",
+        type=_workers_option,
+        default=None,
+        metavar="N|auto",
+        help="DataLoader workers for --data (default: runtime.workers)",
+    )
+    bench.add_argument(
+        "--make-jpeg-folder",
+        default=None,
+        metavar="DIR",
+        help="write an ImageNet-like JPEG folder (real photos) to DIR for --data, then exit",
+    )
+    bench.add_argument(
+        "--images", type=int, default=256, help="training images --make-jpeg-folder writes"
+    )
+    bench.add_argument(
+        "--jpeg-quality", type=int, default=None, help="--make-jpeg-folder JPEG quality (95)"
     )
     predict = commands.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP)
     predict.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
@@ -185,9 +224,13 @@ def run_bench(args: argparse.Namespace) -> dict:
     from mfm import throughput
 
     params = load_params(args.params, args.overrides)
+    if args.make_jpeg_folder is not None:
+        return make_jpeg_folder(args, params.runtime.seed)
     batch_size = params.pretrain.batch_size if args.batch_size is None else args.batch_size
     if min(batch_size, args.steps, args.channels) < 1 or args.warmup < 0:
         raise UserError("bench: --batch-size, --steps and --channels must be >= 1, --warmup >= 0")
+    if isinstance(args.workers, int) and args.workers < 0:
+        raise UserError(f"bench: --workers must be >= 0, got {args.workers}")
     peak = args.peak_tflops
     if peak is not None and not (math.isfinite(peak) and peak > 0):
         raise UserError(f"bench: --peak-tflops must be a positive number, got {peak}")
@@ -202,7 +245,24 @@ def run_bench(args: argparse.Namespace) -> dict:
         compile=args.compile,
         mfu=args.mfu,
         peak=peak,
+        data=args.data,
+        workers=args.workers,
     )
+
+
+def make_jpeg_folder(args: argparse.Namespace, seed: int) -> dict:
+    """``bench --make-jpeg-folder DIR``: write the folder, return what was written."""
+    from mfm import jpeg_folder
+
+    if args.data is not None:
+        raise UserError(
+            "bench: --make-jpeg-folder writes a folder and exits; run bench --data on it after"
+        )
+    quality = jpeg_folder.QUALITY if args.jpeg_quality is None else args.jpeg_quality
+    summary = jpeg_folder.write_jpeg_folder(
+        args.make_jpeg_folder, images=args.images, seed=seed, quality=quality
+    )
+    return summary.as_dict()
 
 
 def run_preset(args: argparse.Namespace) -> str:

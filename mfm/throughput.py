@@ -5,7 +5,8 @@ frequency loss, backward, AdamW), timed after a warm-up, next to the corruption 
 the loss (forward and backward) alone; their share of the step is MFM's overhead over plain
 pixel regression. Next to it: the same encoder in a plain supervised step (the floor MFM
 should cost), the batched corruption against the per-image loop the authors' data loader
-runs, and optionally the model FLOPs utilisation.
+runs, and optionally the model FLOPs utilisation. Given an image folder (``data``), also
+the pretrain stage's real input path on it: its loader alone, and the step fed from it.
 
 ``run`` returns one flat dict (printed as JSON by ``python -m mfm bench``). Times are means
 over ``timed_steps`` calls after ``warmup_steps`` untimed ones, taken by ``mfm.timing``
@@ -43,6 +44,26 @@ Model FLOPs utilisation (with ``mfu=True``, else null)
     peak_precision: "bf16" under AMP, "tf32" or "fp32" without, "given" for --peak-tflops),
     mfu (achieved / peak; null on a CPU or an unknown GPU unless a peak is given),
     supervised_step_gflop, supervised_achieved_tflops, supervised_mfu, mfu_note
+The input path on an image folder (``data``, ``bench --data DIR``; all null without it): the
+pretrain stage's Dataset and DataLoader on DIR's training images (``mfm.bench_data``), a fresh
+loader for each timing, with the ``workers`` processes
+    data (the folder), data_images (its training images), data_repeats (how often the file
+    list is repeated so that a timing stays inside one epoch; 1 for a large folder),
+    loader (runtime.loader: "pil", the workers decode and crop; "device", the workers read
+    the files and draw the crop boxes, and the step decodes and crops on the device),
+    workers (DataLoader worker processes, ``auto`` resolved; 0 = in the main process)
+    loader_batches (batches timed), loader_warmup_batches (batches drawn untimed first: at
+    least warmup and workers, so the workers' start is not timed),
+    loader_images_per_second (the loader alone, nothing else running: read, decode, random
+    crop, collate; for "device" reading and crop boxes only),
+    loader_images_per_second_per_worker (/ max(workers, 1))
+    end_to_end_images_per_second, end_to_end_step_ms (the MFM step above, fed from the
+    loader: host-to-device copy (or, for "device", decoding and cropping there), the stage's
+    device augmentation for image folders (the flip), corruption, forward, loss, backward,
+    AdamW; timed_steps after warmup_steps),
+    end_to_end_over_synthetic (end_to_end_images_per_second / images_per_second: near 1 the
+    input keeps up, below 1 it holds the step back; the synthetic step also crops on the
+    device, so a small model can pass 1 when it keeps up)
 """
 
 from __future__ import annotations
@@ -51,6 +72,7 @@ import math
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +80,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mfm import bench_data
 from mfm.config import Params
 from mfm.data.augment import device_augment, normalizer
 from mfm.data.meta import DatasetMeta
 from mfm.device import autocast, resolve_device
+from mfm.errors import UserError
 from mfm.flops import count_flops, mfu_figures
 from mfm.frequency import SPATIAL_DIMS, RandomFrequencyMask, build_corruption
 from mfm.losses import build_loss
@@ -71,6 +95,21 @@ from mfm.spatial_mask import check_geometry
 from mfm.timing import mean_seconds, seconds_once, untimed_calls
 
 SUPERVISED_CLASSES = 10
+LOADER_ROUNDS = 4  # the loader is timed over at least this many batches per worker
+DATA_KEYS = (
+    "data",
+    "data_images",
+    "data_repeats",
+    "loader",
+    "workers",
+    "loader_batches",
+    "loader_warmup_batches",
+    "loader_images_per_second",
+    "loader_images_per_second_per_worker",
+    "end_to_end_images_per_second",
+    "end_to_end_step_ms",
+    "end_to_end_over_synthetic",
+)
 
 
 def synthetic_meta(channels: int, img_size: int) -> DatasetMeta:
@@ -220,9 +259,15 @@ class _Setup:
         return build_optimizer(model, lr, recipe.weight_decay, recipe.betas)
 
     def time_step(
-        self, model: nn.Module, loss_of: Callable[[nn.Module], Tensor], compile: bool
+        self,
+        model: nn.Module,
+        loss_of: Callable[[nn.Module], Tensor],
+        compile: bool,
+        flops: bool | None = None,
     ) -> StepTiming:
-        """Time ``loss_of(forward)`` under autocast, backward and an AdamW step."""
+        """Time ``loss_of(forward)`` under autocast, backward and an AdamW step (FLOPs
+        counted as the setup says, unless ``flops`` says otherwise)."""
+        flops = self.flops if flops is None else flops
         model = model.to(self.device, memory_format=self.memory_format).train()
         optimizer = self.optimizer_for(model)
 
@@ -236,7 +281,7 @@ class _Setup:
 
             return step
 
-        return time_training_step(model, make_step, self.steps, self.warmup, compile, self.flops)
+        return time_training_step(model, make_step, self.steps, self.warmup, compile, flops)
 
 
 def run(
@@ -250,10 +295,16 @@ def run(
     compile: bool = False,
     mfu: bool = False,
     peak: float | None = None,
+    data: str | Path | None = None,
+    workers: int | str | None = None,
 ) -> dict[str, Any]:
-    """Time the pretraining step, its frequency parts and the floor; returns the flat dict
-    the module docstring describes. ``amp=None`` takes ``runtime.amp``; ``peak`` (TFLOP/s)
-    overrides the table and implies ``mfu``."""
+    """Time the pretraining step, its frequency parts and the floor, and with an image folder
+    ``data`` the stage's input path on it; returns the flat dict the module docstring
+    describes. ``amp=None`` takes ``runtime.amp``; ``peak`` (TFLOP/s) overrides the table and
+    implies ``mfu``; ``workers=None`` takes ``runtime.workers``."""
+    folder = None
+    if data is not None:  # a bad folder fails before any timing
+        folder = _open_folder(params, data, batch_size, steps, warmup, channels, workers)
     torch.manual_seed(params.runtime.seed)
     device = resolve_device(params.runtime.device)
     img_size = params.data.img_size
@@ -294,6 +345,11 @@ def run(
 
     model = pretext_model(encoder, channels, params.pretrain.pretext)
     mfm = setup.time_step(model, mfm_loss, compile)
+    data_figures: dict[str, Any] = dict.fromkeys(DATA_KEYS)
+    if folder is not None:
+        compile_e2e = compile and mfm.compile_error is None
+        step = _FolderStep(corruption, loss_fn, spatial)
+        data_figures = folder.time(setup, model, step, compile_e2e, mfm.seconds)
     del encoder  # frees the device for the supervised model
 
     # The frequency parts alone, on a fixed batch.
@@ -372,7 +428,103 @@ def run(
         "corruption_loop_ms": None if loop_s is None else 1000 * loop_s,
         "corruption_loop_over_batched": None if loop_s is None else loop_s / corrupt_s,
         **figures,
+        **data_figures,
     }
+
+
+# -- the input path on an image folder ----------------------------------------------------
+
+
+@dataclass
+class _FolderStep:
+    """What the MFM step does after the batch arrives (the synthetic step's parts)."""
+
+    corruption: nn.Module
+    loss_fn: Callable[..., Tensor]
+    spatial: bool
+
+
+@dataclass
+class _Folder:
+    """An image folder as the pretrain stage reads it, and how many batches each timing
+    draws from it: the loader alone, then the MFM step fed from it."""
+
+    source: bench_data.FolderInput
+    workers: int
+    loader_batches: int
+    loader_warmup: int
+
+    def time(
+        self,
+        setup: _Setup,
+        model: nn.Module,
+        step: _FolderStep,
+        compile: bool,
+        synthetic_seconds: float,
+    ) -> dict[str, Any]:
+        """Time the loader alone (epoch 0), then the step fed from a fresh loader (epoch 1);
+        returns the ``DATA_KEYS`` figures."""
+        params, device = setup.params, setup.device
+        batch_size, seed = setup.images.shape[0], params.runtime.seed
+        loader = bench_data.batches(self.source, batch_size, seed, self.workers, epoch=0)
+        loader_s = mean_seconds(partial(next, loader), self.loader_batches, self.loader_warmup)
+        del loader  # its workers stop here, not during the next timing
+
+        meta, img_size = self.source.meta, params.data.img_size
+        augment = device_augment(meta, img_size, True, params.pretrain.crop_scale).to(device)
+        normalize = normalizer(meta).to(device)
+        # its workers stop when this returns (nothing else holds the loader)
+        feed = bench_data.batches(self.source, batch_size, seed, self.workers, epoch=1)
+
+        def folder_loss(forward: nn.Module) -> Tensor:  # pretrain's step on the next batch
+            clean = augment(bench_data.images_of(self.source, next(feed), img_size, device))
+            corrupted, mask = step.corruption.corrupt(clean)
+            x = normalize(corrupted).contiguous(memory_format=setup.memory_format)
+            prediction = forward(*((x, mask) if step.spatial else (x,)))
+            return step.loss_fn(prediction, normalize(clean), mask)
+
+        end_to_end = setup.time_step(model, folder_loss, compile, flops=False).seconds
+        loader_ips = batch_size / loader_s
+        return {
+            "data": str(self.source.root),
+            "data_images": self.source.images,
+            "data_repeats": self.source.repeats,
+            "loader": "device" if self.source.on_device else "pil",
+            "workers": self.workers,
+            "loader_batches": self.loader_batches,
+            "loader_warmup_batches": untimed_calls(self.loader_batches, self.loader_warmup),
+            "loader_images_per_second": loader_ips,
+            "loader_images_per_second_per_worker": loader_ips / max(self.workers, 1),
+            "end_to_end_images_per_second": batch_size / end_to_end,
+            "end_to_end_step_ms": 1000 * end_to_end,
+            "end_to_end_over_synthetic": synthetic_seconds / end_to_end,
+        }
+
+
+def _open_folder(
+    params: Params,
+    data: str | Path,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    channels: int,
+    workers: int | str | None,
+) -> _Folder:
+    """Scan the folder and size its timings: one epoch holds every batch a timing draws.
+    ``workers`` None takes ``runtime.workers``; ``auto`` is resolved as pretrain does."""
+    if channels != 3:
+        raise UserError(
+            f"bench --data reads image folders as RGB (3 channels), not {channels}; drop --channels"
+        )
+    workers = bench_data.resolve_workers(params.runtime.workers if workers is None else workers)
+    loader_batches = max(steps, LOADER_ROUNDS * max(workers, 1))
+    loader_warmup = max(warmup, workers)
+    loader_draws = untimed_calls(loader_batches, loader_warmup) + loader_batches
+    step_draws = untimed_calls(steps, warmup) + steps + 2  # + a compiling call, its fallback
+    least = max(loader_draws, step_draws) * batch_size
+    crop_scale = params.pretrain.crop_scale
+    source = bench_data.folder_input(params, data, params.data.img_size, crop_scale, least)
+    return _Folder(source, workers, loader_batches, loader_warmup)
 
 
 def _amp_note(requested: bool, device: torch.device) -> str | None:

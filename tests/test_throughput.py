@@ -58,6 +58,8 @@ EXPECTED_KEYS = {
     "supervised_achieved_tflops",
     "supervised_mfu",
     "mfu_note",
+    # the input path on an image folder (bench --data, null here): tests/test_bench_data.py
+    *throughput.DATA_KEYS,
 }
 POSITIVE = (
     "images_per_second",
@@ -384,6 +386,8 @@ def test_cli_passes_the_options_through(params_file, capsys, monkeypatch):
         "compile": True,
         "mfu": False,
         "peak": 100.0,
+        "data": None,
+        "workers": None,
     }
     cli.main(["bench", "--params", str(params_file), "--amp", "--mfu"])
     assert seen["amp"] is True and seen["mfu"] is True and seen["peak"] is None
