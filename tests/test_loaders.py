@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from mfm.data.datasets import image_dataset
-from mfm.data.loaders import PerSampleSeeded, make_loader, training_loader
+from mfm.data.loaders import PerSampleSeeded, epoch_batches, make_loader, training_loader
+from mfm.distributed import World
 from mfm.engine import TrainLoop
 from mfm.errors import Interrupted
 from mfm.optim import build_optimizer, build_scheduler
@@ -106,6 +107,19 @@ def test_batches_do_not_depend_on_the_worker_count_or_the_start_batch(crops: Dat
         assert torch.equal(a, b)
     for a, b in zip(alone[3:], resumed, strict=True):
         assert torch.equal(a, b)
+
+
+def test_persistent_workers_serve_every_epoch_as_fresh_loaders_do(crops: Dataset) -> None:
+    feed = epoch_batches(crops, BATCH, seed=0, workers=2, here=World())
+    for epoch, start in ((0, 0), (1, 0), (2, 3)):
+        loader = feed(epoch, start)
+        assert loader is feed(epoch, start) and loader.persistent_workers
+        fresh = _images(training_loader(crops, BATCH, 0, workers=0, epoch=epoch, start_batch=start))
+        assert len(loader) == len(fresh) == STEPS - start
+        for a, b in zip(fresh, _images(loader), strict=True):
+            assert torch.equal(a, b)
+    per_epoch = epoch_batches(crops, BATCH, seed=0, workers=0, here=World())
+    assert per_epoch(0, 0) is not per_epoch(0, 0)  # in-process: a loader per epoch
 
 
 def test_loading_leaves_the_main_process_streams_alone(crops: Dataset, tmp_path: Path) -> None:

@@ -38,11 +38,13 @@ class GlobalBatchShard(Sampler[int]):
         seed: int,
         shuffle: bool = True,
         start_batch: int = 0,
+        tagged: bool = False,
     ) -> None:
         self.length, self.global_batch, self.here = length, global_batch, here
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
         self.local = global_batch // here.size
         self.start_batch = start_batch  # resume inside an epoch: skip the batches done
+        self.tagged = tagged  # yield (epoch, index): persistent workers learn the epoch so
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -59,7 +61,8 @@ class GlobalBatchShard(Sampler[int]):
         start = self.here.rank * self.local
         begin = self.start_batch * self.global_batch
         for first in range(begin, self.length - self.global_batch + 1, self.global_batch):
-            yield from order[first + start : first + start + self.local]
+            part = order[first + start : first + start + self.local]
+            yield from ((self.epoch, index) for index in part) if self.tagged else part
 
 
 class PerSampleSeeded(Dataset):
@@ -77,8 +80,9 @@ class PerSampleSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Any:
-        with seeded(sample_seed(self.seed, self.epoch, index)):
+    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        with seeded(sample_seed(self.seed, epoch, index)):
             return self.dataset[index]
 
 
@@ -162,11 +166,36 @@ def epoch_batches(
     here: World,
     collate: Callable[[list[Any]], Any] | None = None,
 ) -> Callable[[int, int], DataLoader]:
-    """The ``epoch -> first global batch -> batches`` feed the training loop asks for."""
+    """The ``epoch -> first global batch -> batches`` feed the training loop asks for.
 
-    def batches(epoch: int, start_batch: int) -> DataLoader:
-        return training_loader(
-            dataset, global_batch, seed, workers, epoch, here, start_batch, collate
-        )
+    With worker processes, one DataLoader serves every epoch and keeps its workers (they
+    would otherwise start again, importing torch, every epoch): its sampler tells them the
+    epoch with each index, so each sample is drawn exactly as a fresh loader draws it.
+    """
+    if resolve_workers(workers, dataset) == 0 or isinstance(dataset, ArrayImages):
 
-    return batches
+        def batches(epoch: int, start_batch: int) -> DataLoader:
+            return training_loader(
+                dataset, global_batch, seed, workers, epoch, here, start_batch, collate
+            )
+
+        return batches
+    sampler = GlobalBatchShard(len(dataset), global_batch, here, seed, tagged=True)
+    loader = _seeded_loader(
+        PerSampleSeeded(dataset, seed, 0),
+        seed,
+        0,
+        batch_size=per_rank_batch(global_batch, here, "batch_size"),
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        collate_fn=collate,
+        persistent_workers=True,
+    )
+
+    def persistent(epoch: int, start_batch: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        sampler.start_batch = start_batch
+        return loader
+
+    return persistent
