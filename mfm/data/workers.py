@@ -9,11 +9,10 @@ would count the whole node. torchrun's ``LOCAL_WORLD_SIZE`` processes share them
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch.utils.data import Dataset
-
-from mfm.data.datasets import ArrayImages
+if TYPE_CHECKING:  # torch stays out: the corruption workers import usable_cpus
+    from torch.utils.data import Dataset
 
 Workers = int | Literal["auto"]
 MAX_AUTO_WORKERS = 16  # past this, more decoders per GPU mostly add memory and start-up time
@@ -39,6 +38,8 @@ def auto_workers() -> int:
 def resolve_workers(workers: Workers, dataset: Dataset | None = None) -> int:
     """``workers`` as a DataLoader's ``num_workers``. ``auto`` gives prepared arrays none:
     slicing a memory-mapped array in the main process beats shipping it from a worker."""
+    from mfm.data.datasets import ArrayImages
+
     if workers != "auto":
         return int(workers)
     if isinstance(dataset, ArrayImages):
