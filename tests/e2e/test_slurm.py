@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from tests.e2e.conftest import Project
@@ -212,3 +214,89 @@ def test_fake_slurm_answers_in_the_formats_the_plugin_parses(
         validate_account("nope", logger)
     assert get_default_partition("job", logger) == "cpu"
     assert get_min_job_age() == 300
+
+
+# The README's block for a training rule on several nodes (GPUs per node in gres), as the
+# profile's pretrain entry holds it with gpu left out.
+TWO_NODES = {"nodes": 2, "tasks": 2, "mpi": "srun", "tasks_per_gpu": 0, "gres": "gpu:1"}
+
+
+def test_pretrain_on_two_nodes_trains_what_two_processes_on_one_node_train(
+    make_project: Callable[..., Project], tmp_path: Path
+) -> None:
+    """2 stand-in nodes x 1 process: one sbatch for both nodes, one srun task per node, each a
+    torchrun agent at a c10d rendezvous on the batch host; the weights are those of
+    ``torchrun --standalone --nproc-per-node 2`` on one node."""
+    project = make_project()
+    profile = yaml.safe_load((project.path / PROFILE / "profile.yaml").read_text())
+    pretrain = {k: v for k, v in profile["set-resources"]["pretrain"].items() if k != "gpu"}
+    profile["set-resources"]["pretrain"] = {**pretrain, **TWO_NODES}
+    (project.path / "profiles/two-nodes").mkdir()
+    (project.path / "profiles/two-nodes/profile.yaml").write_text(yaml.safe_dump(profile))
+    log = tmp_path / "slurm_calls.jsonl"
+    project.env.update(
+        PATH=f"{FAKE_SLURM}{os.pathsep}{project.env['PATH']}",
+        FAKE_SLURM_LOG=str(log),
+        FAKE_SLURM_SYNC="1",
+    )
+    project.run(
+        "snakemake",
+        "--profile",
+        "profiles/two-nodes",
+        "--default-resources",
+        "slurm_account=test",
+        "slurm_partition=cpu",
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--slurm-keep-successful-logs",
+        "--",
+        "pretrain",
+    )
+    metrics = json.loads((project.path / "metrics/pretrain.json").read_text())
+    assert metrics["processes"] == 2
+
+    job = next(c for c in calls(log) if c.get("comment") == "rule_pretrain")
+    opts = submit_options(job["argv"])
+    assert opts["--nodes"] == "2" and opts["--ntasks"] == "2" and opts["--gres"] == "gpu:1"
+    assert "--gpus" not in opts and "--ntasks-per-gpu" not in opts
+    steps = [
+        c["argv"] for c in calls(log) if c.get("cmd") == "srun" and c["job_id"] == job["job_id"]
+    ]
+    assert len(steps) == 1, steps  # the rule's own step, not the plugin's one-task step
+    step = steps[0]
+    assert "--nodes=2" in step and "--ntasks-per-node=1" in step and "--kill-on-bad-exit=1" in step
+    launcher = step[step.index("torchrun") :]
+    assert "--nnodes=2" in launcher and "--nproc-per-node=1" in launcher
+    assert "--rdzv-backend=c10d" in launcher and launcher[-3:] == ["-m", "mfm", "pretrain"]
+    assert any(arg == f"--rdzv-id=mfm-{job['job_id']}" for arg in launcher)
+
+    # One node, two processes, with the threads Snakemake gave the job (its OMP_NUM_THREADS).
+    job_log = (
+        project.path / f".snakemake/slurm_logs/rule_pretrain/{job['job_id']}.log"
+    ).read_text()
+    project.env["OMP_NUM_THREADS"] = re.findall(r"threads: (\d+)", job_log)[-1]
+    torchrun = ("python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    project.run(*torchrun, "-m", "mfm", "pretrain", "--out", "one-node")
+    nodes = torch.load(project.path / "results/pretrain/encoder.pt", weights_only=True)
+    one = torch.load(project.path / "one-node/pretrain/encoder.pt", weights_only=True)
+    assert nodes["spec"] == one["spec"] and nodes["state_dict"].keys() == one["state_dict"].keys()
+    for key, value in one["state_dict"].items():
+        assert torch.equal(nodes["state_dict"][key], value), key
+    assert json.loads((project.path / "one-node/metrics/pretrain.json").read_text())[
+        "final_loss"
+    ] == pytest.approx(metrics["final_loss"], abs=0)
+
+
+def test_fake_srun_runs_a_task_per_node_and_a_failed_task_ends_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(tmp_path / "calls.jsonl"))
+    step = ("srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "sh", "-c")
+    both = subprocess.run(
+        [*step, "echo $SLURM_NODEID/$SLURM_NNODES"], capture_output=True, text=True
+    )
+    assert both.returncode == 0 and sorted(both.stdout.split()) == ["0/2", "1/2"]
+    started = time.monotonic()
+    lost = subprocess.run([*step, '[ "$SLURM_NODEID" = 0 ] && exit 3; sleep 60'])
+    assert lost.returncode == 3 and time.monotonic() - started < 30  # node 1 did not wait

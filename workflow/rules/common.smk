@@ -1,6 +1,7 @@
 # What the rules share: the inits finetune runs for (the DVC matrix's values, from the
 # package itself) and how training jobs start.
 from mfm.config import INITS
+from mfm.launch import launch_prefix
 
 # Snakemake sets OMP_NUM_THREADS (and the BLAS thread counts) to a rule's threads, 1 unless
 # the rule says otherwise; stage rules ask for more than any machine has and get what there
@@ -13,7 +14,7 @@ wildcard_constraints:
 
 
 def launcher(wildcards, resources):
-    """How training jobs start: torchrun with one process per GPU the job was given
-    (resources.gpu, e.g. from the SLURM profile), plain python without GPUs."""
-    gpus = int(resources.get("gpu", 0))
-    return f"torchrun --standalone --nproc-per-node={gpus}" if gpus else "python"
+    """How training jobs start (mfm/launch.py): plain python without GPUs, torchrun with one
+    process per GPU (resources.gpu, or gres: gpu:N) on one node, and with nodes: N one
+    torchrun per node of the SLURM allocation, started by srun."""
+    return launch_prefix(resources)

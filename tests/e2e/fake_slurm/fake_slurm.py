@@ -23,7 +23,9 @@ What each command does, in the formats the plugin (2.x) parses:
   JobName, Comment), ``|``-separated with ``--parsable2``. Steps (``-j 1001.0``) do not exist.
 - ``squeue``: the same jobs, ``--format`` with ``%i`` (id), ``%T`` (state), ``%j`` (name).
 - ``scancel ID...``: SIGTERM to the job's process group (as a time limit would).
-- ``srun [options] CMD...``: drops its options and runs CMD in place (no GPUs are bound).
+- ``srun [options] CMD...``: runs CMD in place (no GPUs are bound); with several tasks
+  (``--nodes=N --ntasks-per-node=1``, ``--ntasks``) one copy per task at once, each with its
+  ``SLURM_PROCID`` / ``SLURM_NODEID``, all on this machine.
 - ``sinfo -o %P``: the partitions in ``$FAKE_SLURM_PARTITIONS`` (default ``cpu*,gpu``; ``*``
   marks the default).
 - ``sacctmgr`` / ``sshare``: the accounts in ``$FAKE_SLURM_ACCOUNTS`` (default ``test``), one a
@@ -54,6 +56,7 @@ SUBMIT_VALUES = {
     "--mem-per-gpu", "-C", "--constraint", "--clusters", "-M", "--qos", "-n", "--ntasks",
     "-N", "--nodes", "-c", "--cpus-per-task", "--cpus-per-gpu", "-G", "--gpus", "--gres",
     "--jobid", "--wrap", "--array", "-a", "--exclude", "-x", "--reservation", "--signal",
+    "--ntasks-per-node", "--ntasks-per-gpu",
 }  # fmt: skip
 QUERY_VALUES = {
     "-j", "--jobs", "-o", "--format", "-u", "--user", "-S", "--starttime", "-E", "--endtime",
@@ -172,6 +175,8 @@ def sbatch(argv: list[str]) -> int:
         ("--cpus-per-gpu", "SLURM_CPUS_PER_GPU"),
         ("--mem", "SLURM_MEM_PER_NODE"),
         ("--ntasks", "SLURM_NTASKS"),
+        ("--nodes", "SLURM_JOB_NUM_NODES"),
+        ("--nodes", "SLURM_NNODES"),
     ):
         if opts.get(option):
             env[variable] = opts[option]
@@ -269,12 +274,42 @@ def scancel(argv: list[str]) -> int:
 
 
 def srun(argv: list[str]) -> int:
-    _, command = options(argv, SUBMIT_VALUES)
+    """One task runs in place; several (``--ntasks``, or ``--nodes`` x ``--ntasks-per-node``)
+    run at once, one per stand-in node, with the variables SLURM gives each task. With
+    ``--kill-on-bad-exit=1`` the first task that fails ends the others, as on a cluster."""
+    opts, command = options(argv, SUBMIT_VALUES)
     if not command:
         print("srun: fatal: No command given to execute.", file=sys.stderr)
         return 1
-    os.execvp(command[0], command)
-    return 1  # not reached
+    nodes = int(opts.get("--nodes") or opts.get("-N") or 1)
+    per_node = int(opts.get("--ntasks-per-node") or 1)
+    tasks = int(opts.get("--ntasks") or opts.get("-n") or nodes * per_node)
+    if tasks == 1:
+        os.execvp(command[0], command)
+    steps = []
+    for task in range(tasks):
+        env = dict(os.environ)
+        env.update(
+            SLURM_NNODES=str(nodes),
+            SLURM_STEP_NUM_NODES=str(nodes),
+            SLURM_NTASKS=str(tasks),
+            SLURM_PROCID=str(task),
+            SLURM_NODEID=str(task // per_node),
+            SLURM_LOCALID=str(task % per_node),
+        )
+        steps.append(subprocess.Popen(command, env=env))
+    kill_on_bad_exit = opts.get("--kill-on-bad-exit", opts.get("-K")) in ("", "1")
+    returncode = 0
+    while any(step.poll() is None for step in steps):
+        failed = [step.returncode for step in steps if step.returncode not in (None, 0)]
+        if failed and kill_on_bad_exit:
+            for step in steps:
+                if step.poll() is None:
+                    step.terminate()
+        time.sleep(0.05)
+    for step in steps:
+        returncode = returncode or step.returncode
+    return returncode
 
 
 def sinfo(argv: list[str]) -> int:
