@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,33 @@ def test_experiment_with_another_pretext_is_diffable(dvc_run: DvcRun) -> None:
     )
     params = project.run("dvc", "params", "diff").stdout
     assert "pretrain.pretext" in params and "sr" in params
+
+
+def test_a_shared_remote_gives_a_fresh_clone_every_result_without_rerunning(
+    dvc_run: DvcRun, tmp_path: Path
+) -> None:
+    """A team's remote: push from one clone, pull in another, and nothing retrains there.
+    Resumable checkpoints are not outputs, so they are neither pushed nor missed."""
+    project = dvc_run.project  # whatever an earlier test left: reproduced, then committed
+    project.run("dvc", "repro")
+    project.commit("results to share")
+    remote = tmp_path / "remote"
+    project.run("dvc", "remote", "add", "--default", "team", str(remote))
+    project.commit("the team's remote")
+    project.run("dvc", "push", "dvc.yaml")  # the main job (study/dvc.yaml: the study)
+    pushed = {p.name for p in remote.rglob("*") if p.is_file()}
+    assert pushed, "nothing was pushed"
+
+    clone = Project(tmp_path / "clone")
+    clone.env = project.env
+    project.run("git", "clone", "-q", str(project.path), str(clone.path))
+    clone.run("dvc", "pull", "dvc.yaml")
+    for rel in OUTPUTS:
+        assert (clone.path / rel).is_file(), rel
+    assert not (clone.path / "results/pretrain/checkpoint.pt").exists()
+    assert "up to date" in clone.run("dvc", "status", "dvc.yaml").stdout
+    again = clone.run("dvc", "repro", "dvc.yaml")
+    assert "Running stage" not in again.stdout
+    same = "results/pretrain/encoder.pt", "results/export/model.onnx", "data/corrupted/info.json"
+    for rel in same:
+        assert (clone.path / rel).read_bytes() == (project.path / rel).read_bytes(), rel
