@@ -276,6 +276,63 @@ def test_a_shared_remote_gives_a_fresh_clone_every_result_without_rerunning(
     assert "up to date" in clone.run("dvc", "status", "dvc.yaml").stdout
     again = clone.run("dvc", "repro", "dvc.yaml")
     assert "Running stage" not in again.stdout
+    # Snakemake in the pulled clone: --touch takes the pulled files as its own, then nothing
+    # is left to do, and its markers in directory outputs do not disturb DVC.
+    clone.run("snakemake", "--touch", "--cores", "1")
+    planned = clone.run("snakemake", "-n")
+    assert "Nothing to be done" in planned.stdout + planned.stderr
+    assert "up to date" in clone.run("dvc", "status", "dvc.yaml").stdout
     same = "results/pretrain/encoder.pt", "results/export/model.onnx", "data/corrupted/info.json"
     for rel in same:
         assert (clone.path / rel).read_bytes() == (project.path / rel).read_bytes(), rel
+
+
+def _queue_done(project: Project, wanted: int, timeout: float = 900) -> str:
+    """``dvc queue status`` once ``wanted`` queued experiments have ended (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = project.run("dvc", "queue", "status").stdout
+        ended = status.count("Success") + status.count("Failed")
+        if ended >= wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
+
+
+def test_a_queued_grid_runs_in_parallel_without_clobbering_and_reads_back(
+    dvc_run: DvcRun,
+) -> None:
+    """``dvc exp run --queue`` with a two-value grid, two workers at once: each experiment
+    trains in its own workspace (its own checkpoint and dvclive folder), and exp show,
+    metrics and plots give both back."""
+    project = dvc_run.project  # whatever an earlier test left: reproduced, then committed
+    project.run("dvc", "repro")
+    project.commit("baseline for the sweep")
+    project.run(
+        "dvc", "exp", "run", "--queue", "linprobe",
+        "-S", "pretrain.pretext=mfm", "-S", "pretrain.mask.radius=2,6",
+    )  # fmt: skip
+    project.run("dvc", "queue", "start", "-j", "2")
+    status = _queue_done(project, 2)
+    project.run("dvc", "queue", "stop", check=False)
+    assert status.count("Success") == 2, status
+
+    shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
+    runs: dict[int, dict] = {}
+    for entry in shown:
+        for child in entry.get("experiments") or []:
+            for revision in child.get("revs") or []:
+                data = revision.get("data") or {}
+                params = data["params"]["params.yaml"]["data"]["pretrain"]
+                runs[params["mask"]["radius"]] = {"name": revision["name"], **data}
+    assert set(runs) >= {2, 6}, sorted(runs)
+    losses = {r: runs[r]["metrics"]["metrics/pretrain.json"]["data"]["final_loss"] for r in (2, 6)}
+    assert losses[2] != losses[6]  # two different runs, not one result twice
+    for radius in (2, 6):
+        assert "top1" in json.dumps(runs[radius]["metrics"]["metrics/linprobe.json"]["data"])
+
+    names = [runs[2]["name"], runs[6]["name"]]
+    changed = project.run("dvc", "exp", "show", "--only-changed", "--csv").stdout
+    header = changed.splitlines()[0].split(",")
+    assert "pretrain.mask.radius" in header and "pretrain.epochs" not in header
+    plots = project.run("dvc", "plots", "diff", *names, "--json").stdout
+    assert "train/loss.tsv" in plots and all(name in plots for name in names)
