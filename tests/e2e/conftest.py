@@ -112,7 +112,7 @@ class Project:
 
     def commit(self, message: str) -> None:
         self.run("git", "add", "-A")
-        self.run("git", "commit", "-q", "-m", message)
+        self.run("git", "commit", "-q", "--allow-empty", "-m", message)  # a clean tree is fine
 
 
 def new_project(dest: Path, changes: dict[str, Any] | None = None) -> Project:
