@@ -16,11 +16,10 @@ LOG_REDIRECT = " 2> {log}"
 LAUNCH = "{params.launch}"
 
 
-def _out_path(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    if isinstance(entry, str):
-        return _placeholders(entry), {}
-    ((path, options),) = entry.items()
-    return _placeholders(path), options or {}
+def _out_path(entry: str | dict[str, Any]) -> str:
+    """An out's path, whether listed bare or with options (``cache: false``, ...)."""
+    path = entry if isinstance(entry, str) else next(iter(entry))
+    return _placeholders(path)
 
 
 def _params_value(match: re.Match[str]) -> str:
@@ -43,19 +42,17 @@ PIPELINES = ("dvc.yaml", "study/dvc.yaml")  # the main job, and the study (varia
 
 
 def dvc_stages(*files: str) -> dict[str, dict[str, Any]]:
-    """Each DVC stage (of ``files``, default: every pipeline) as {cmd, deps, params, outs};
-    persisted outs (resume checkpoints) are engine-private state, so they are left out."""
+    """Each DVC stage (of ``files``, default: every pipeline) as {cmd, deps, params, outs}."""
     spec = {}
     for file in files or PIPELINES:
         spec.update(yaml.safe_load((ROOT / file).read_text())["stages"])
     stages = {}
     for name, stage in spec.items():
-        outs = set()
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                path, options = _out_path(entry)
-                if not options.get("persist"):
-                    outs.add(path)
+        outs = {
+            _out_path(entry)
+            for kind in ("outs", "metrics", "plots")
+            for entry in stage.get(kind, [])
+        }
         stages[name] = {
             "cmd": _placeholders(stage["cmd"]),
             "deps": {_placeholders(dep) for dep in stage.get("deps", [])},

@@ -299,17 +299,13 @@ def srun(argv: list[str]) -> int:
         )
         steps.append(subprocess.Popen(command, env=env))
     kill_on_bad_exit = opts.get("--kill-on-bad-exit", opts.get("-K")) in ("", "1")
-    returncode = 0
     while any(step.poll() is None for step in steps):
-        failed = [step.returncode for step in steps if step.returncode not in (None, 0)]
-        if failed and kill_on_bad_exit:
+        if kill_on_bad_exit and any(step.returncode not in (None, 0) for step in steps):
             for step in steps:
                 if step.poll() is None:
                     step.terminate()
         time.sleep(0.05)
-    for step in steps:
-        returncode = returncode or step.returncode
-    return returncode
+    return next((step.returncode for step in steps if step.returncode), 0)
 
 
 def sinfo(argv: list[str]) -> int:
