@@ -37,6 +37,22 @@ def study_project(make_project: Callable[..., Project], name: str) -> Project:
     return project
 
 
+def undeclared_files(project: Project, under: str = "results/study") -> list[str]:
+    """Files the study wrote that git would take up but no stage in ``study/dvc.lock`` declares
+    (dvclive's ``live/metrics.json`` summaries aside, kept in git as the main job's are)."""
+    lock = yaml.safe_load((project.path / "study/dvc.lock").read_text())
+    declared = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    untracked = project.run(
+        "git", "ls-files", "--others", "--exclude-standard", under
+    ).stdout.split()
+    return [
+        path
+        for path in untracked
+        if not path.endswith("/live/metrics.json")
+        and not any(path == out or path.startswith(out + "/") for out in declared)
+    ]
+
+
 def planned(output: str) -> set[str]:
     """The study stages ``dvc repro --dry`` would run."""
     return set(re.findall(r"Running stage 'study/dvc.yaml:(study\w*@[\w-]+)'", output))
@@ -54,6 +70,7 @@ def test_dvc_and_snakemake_produce_the_same_study_with_seeds(
         assert f"Running stage 'study/dvc.yaml:study_scratch@{seed}'" in ran
     assert "Running stage 'study/dvc.yaml:study'" in ran
     assert "Running stage 'finetune@" not in ran  # the main job is not needed
+    assert undeclared_files(by_dvc) == []  # e.g. the pretrain stage's timm folder
     study = json.loads((by_dvc.path / "metrics/study.json").read_text())
     assert study["seeds"] == list(SEEDS) and set(study["variants"]) == set(VARIANTS)
     for variant in VARIANTS:

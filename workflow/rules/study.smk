@@ -54,6 +54,7 @@ rule study_pretrain:
     output:
         "results/study/runs/{variant}/seed{seed}/pretrain/encoder.pt",
         "results/study/runs/{variant}/seed{seed}/pretrain/reconstruction.png",
+        directory("results/study/runs/{variant}/seed{seed}/pretrain/timm"),
         "results/study/runs/{variant}/seed{seed}/metrics/pretrain.json",
         directory("results/study/runs/{variant}/seed{seed}/pretrain/live/plots/metrics"),
     log:
