@@ -97,7 +97,7 @@ def listing() -> str:
     for name in available():
         text = preset_file(name).read_text()
         summary = next((ln.lstrip("# ") for ln in text.splitlines() if ln.startswith("#")), "")
-        lines.append(f"{name:<16} {summary}")
+        lines.append(f"{name:<18} {summary}")
     return "\n".join(lines)
 
 

@@ -60,3 +60,10 @@ def test_a_failing_stage_names_its_log(project: Path) -> None:
 def test_asks_for_the_prepared_data_first(tmp_path: Path) -> None:
     done = trial(tmp_path, "--name", "x")
     assert done.returncode != 0 and "dvc repro prepare" in done.stderr
+
+
+def test_refuses_data_overrides_the_prepared_data_would_not_follow(project: Path) -> None:
+    done = trial(project, "--name", "d", "-S", "data.train_limit=8")
+    assert done.returncode != 0 and "dvc repro prepare" in done.stderr
+    assert "data.train_limit=8" in done.stderr
+    assert not (project / "results/budget-trial/d").exists()

@@ -32,6 +32,8 @@ EXPECTED = {
 }
 # Segmentation recipes: only the segment section, applied after an encoder's preset.
 SEGMENTATION = {"vit_b16_ade20k"}
+# Recipes on a dataset the pipeline downloads itself (no placeholder root to fill).
+SMALL_DATA = {"fashion_mnist_gpu"}
 ADE_OVERRIDE = "segment.root=/data/ADEChallengeData2016"
 
 
@@ -68,7 +70,26 @@ def params_file(tmp_path: Path) -> Path:
 
 
 def test_the_table_covers_every_preset() -> None:
-    assert presets.available() == sorted({*EXPECTED, *SEGMENTATION})
+    assert presets.available() == sorted({*EXPECTED, *SEGMENTATION, *SMALL_DATA})
+
+
+def test_fashion_mnist_gpu_is_the_default_vit_on_every_image_at_a_real_budget(
+    params_file: Path,
+) -> None:
+    params = merged("fashion_mnist_gpu")
+    default = validate_params(repo_params(), "params.yaml")
+    assert params.data.dataset == "fashion_mnist" and params.data.root is None
+    assert params.data.train_limit is None and params.data.test_limit is None
+    assert params.model == default.model  # the default job's ViT, only the budget changes
+    pre, fine = params.pretrain, params.finetune
+    assert pre.pretext == "mfm" and pre.epochs * 60_000 >= 5_000_000
+    assert pre.lr * pre.batch_size / 512 == pytest.approx(1.5e-3)
+    assert fine.epochs >= 50 * default.finetune.epochs and fine.auto_augment.startswith("rand-m")
+    assert (fine.mixup, fine.cutmix, fine.reprob) == (0.8, 1.0, 0.25)
+    # applied with no root to give: the dataset is found or downloaded by prepare
+    report = presets.apply("fashion_mnist_gpu", params_file, [])
+    assert "data.train_limit: 20000 -> null" in report
+    assert yaml.safe_load(params_file.read_text())["data"]["root"] is None
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -160,7 +181,7 @@ def test_a_deleted_key_takes_only_its_line(params_file: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["vit_b16_huge"], "unknown preset 'vit_b16_huge'; choose one of: resnet50_mfm"),
+        (["vit_b16_huge"], "unknown preset 'vit_b16_huge'; choose one of: fashion_mnist_gpu"),
         (["vit_b16_mfm"], "add -S data.root=/path/to/imagenet"),
         (["vit_b16_mfm", "-S", ROOT_OVERRIDE, "-S", "pretrain.epochs=-1"], "pretrain.epochs"),
         (["vit_b16_mfm", "-S", ROOT_OVERRIDE, "-S", "pretrain.epoch=3"], "unknown key"),
@@ -193,8 +214,9 @@ def test_the_preset_command_never_imports_torch(params_file: Path) -> None:
 def test_list_names_every_preset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["preset", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == sorted({*EXPECTED, *SEGMENTATION})
-    assert all("ImageNet-1k" in line for line in lines)
+    assert [line.split()[0] for line in lines] == sorted({*EXPECTED, *SEGMENTATION, *SMALL_DATA})
+    for line in lines:
+        assert ("Fashion-MNIST" if line.split()[0] in SMALL_DATA else "ImageNet-1k") in line
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

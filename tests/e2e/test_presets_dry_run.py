@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mfm.presets import available
+from mfm.presets import ADE20K_PLACEHOLDER, ROOT_PLACEHOLDER, available
 from tests.e2e.conftest import Project
 
 pytestmark = pytest.mark.e2e
@@ -27,12 +27,19 @@ def test_every_preset_dry_runs_through_dvc_and_snakemake(
         preset = yaml.safe_load((project.path / "presets" / f"{name}.yaml").read_text())
         section = "segment" if "segment" in preset else "data"  # whose root is a placeholder
         root = tmp_path / "ADEChallengeData2016" if section == "segment" else tree
-        project.run("python", "-m", "mfm", "preset", name, "-S", f"{section}.root={root}")
+        placeholder = preset[section].get("root") in (ROOT_PLACEHOLDER, ADE20K_PLACEHOLDER)
+        given = ["-S", f"{section}.root={root}"] if placeholder else []
+        project.run("python", "-m", "mfm", "preset", name, *given)
         # DVC reads the preset's values from params.yaml ...
-        diff = json.loads(project.run("dvc", "params", "diff", "--json").stdout)["params.yaml"]
+        diff = json.loads(project.run("dvc", "params", "diff", "--all", "--json").stdout)[
+            "params.yaml"
+        ]
         if "model" in preset:
             assert diff["model.name"]["new"] == preset["model"]["name"], name
-        assert diff[f"{section}.root"]["new"] == str(root), name
+        if placeholder:
+            assert diff[f"{section}.root"]["new"] == str(root), name
+        else:  # a dataset prepare finds or downloads itself
+            assert diff[f"{section}.dataset"]["new"] == preset[section]["dataset"], name
         # ... and plans every stage. Plain `dvc repro --dry` stops at the first stage whose
         # upstream output is missing (it hashes deps for the run cache): --force skips that.
         planned = project.run("dvc", "repro", "--dry", "--force").stdout

@@ -64,6 +64,12 @@ def main() -> None:
     args = parser.parse_args()
     if not Path("data/prepared/meta.json").is_file():
         sys.exit("data/prepared is missing: run `dvc repro prepare` first")
+    data_overrides = [item for item in args.overrides if item.lstrip("~").startswith("data.")]
+    if data_overrides:
+        sys.exit(
+            f"{', '.join(data_overrides)}: the trial trains on data/prepared as it is; set data.* "
+            "in params.yaml and run `dvc repro prepare` first"
+        )
     rows = {}
     for seed in args.seeds:
         rows[seed] = run_seed(args.name, seed, args.overrides)
