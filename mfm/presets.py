@@ -93,11 +93,12 @@ def preset_file(name: str) -> Path:
 
 def listing() -> str:
     """One line per preset: its name and the first line of its header comment."""
-    lines = []
-    for name in available():
+    lines, names = [], available()
+    width = max(map(len, names), default=0)
+    for name in names:
         text = preset_file(name).read_text()
         summary = next((ln.lstrip("# ") for ln in text.splitlines() if ln.startswith("#")), "")
-        lines.append(f"{name:<18} {summary}")
+        lines.append(f"{name:<{width}}  {summary}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from mfm.data.meta import META_FILE
+from mfm.paths import PREPARED_DIR, RunDirs, metrics_file
 from mfm.seed_stats import format_difference, format_summary, paired_difference, summary
 
 ROOT = Path("results/budget-trial")
@@ -49,8 +51,11 @@ def run_seed(name: str, seed: int, overrides: list[str]) -> dict[str, float]:
         "finetune_scratch_min": run_stage(["finetune", "--init", "scratch"], out, seed, overrides)
         / 60,
     }
+    metrics_dir = RunDirs(out).metrics
     top1 = {
-        init: json.loads((out / f"metrics/finetune_{init}.json").read_text())["top1"]
+        init: json.loads(metrics_file("finetune", init, metrics_dir=metrics_dir).read_text())[
+            "top1"
+        ]
         for init in ("mfm", "scratch")
     }
     return {"mfm_top1": top1["mfm"], "scratch_top1": top1["scratch"], **minutes}
@@ -62,8 +67,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    if not Path("data/prepared/meta.json").is_file():
-        sys.exit("data/prepared is missing: run `dvc repro prepare` first")
+    if not (PREPARED_DIR / META_FILE).is_file():
+        sys.exit(f"{PREPARED_DIR} is missing: run `dvc repro prepare` first")
     data_overrides = [item for item in args.overrides if item.lstrip("~").startswith("data.")]
     if data_overrides:
         sys.exit(
