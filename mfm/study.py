@@ -5,8 +5,9 @@ radius or a loss gamma) ran pretrain -> linprobe -> finetune -> robustness once 
 under ``results/study/runs/<variant>/seed<k>/``; a scratch classifier per seed lives under
 ``runs/scratch/seed<k>/``. This stage collects them into ``metrics/study.json``: per variant
 and column the mean +- std over seeds and the seed-paired difference to the baseline with a
-95 % interval (:mod:`mfm.seed_stats`), plus a Markdown table, a chart with error bars, the
-training curves and the reconstructions (first seed).
+95 % interval (:mod:`mfm.seed_stats`), the first variant head to head with each other one
+(paired the same way), plus a Markdown table, a chart with error bars, the training curves
+and the reconstructions (first seed).
 """
 
 from __future__ import annotations
@@ -102,10 +103,30 @@ def collect(params: Params, runs_dir: Path = STUDY_RUNS_DIR) -> dict[str, Any]:
         "seeds": list(seeds),
         "variants": variants,
         "baseline": {column: summary(values) for column, values in baseline.items()},
+        "versus_first": versus_first(per_seed),
     }
     if all(len(values) == len(seeds) for values in pixels.values()):
         study["pixels"] = {column: summary(values) for column, values in pixels.items()}
     return study
+
+
+def versus_first(per_seed: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """The first variant minus each other one, paired by seed: the head-to-head answer
+    ("frequency or spatial masking?") that two differences to the baseline only imply."""
+    names = list(per_seed)
+    if len(names) < 2:
+        return {}
+    first = per_seed[names[0]]
+    return {
+        "reference": names[0],
+        "differences": {
+            name: {
+                column: paired_difference(first[column], per_seed[name][column])
+                for column in COLUMNS
+            }
+            for name in names[1:]
+        },
+    }
 
 
 def table(study: dict[str, Any]) -> str:
@@ -126,6 +147,14 @@ def table(study: dict[str, Any]) -> str:
     for name, row in study["variants"].items():
         cells = [format_difference(row["difference"][c]) for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    versus = study.get("versus_first") or {}
+    if versus:
+        first = versus["reference"]
+        lines += ["", f"`{first}` minus each other variant, paired by seed (mean [95 % CI]):", ""]
+        lines += [f"| | {header} |", rule]
+        for name, row in versus["differences"].items():
+            cells = [format_difference(row[c]) for c in COLUMNS]
+            lines.append(f"| {first} - {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -106,6 +106,33 @@ def test_table_shows_spreads_intervals_and_reference_rows(tmp_path: Path) -> Non
     )
 
 
+def test_the_first_variant_meets_each_other_one_head_to_head(tmp_path: Path) -> None:
+    fake_study(tmp_path, [0, 1, 2])
+    study = collect(study_params([0, 1, 2]), tmp_path / RUNS)
+    versus = study["versus_first"]
+    assert versus["reference"] == "mfm" and list(versus["differences"]) == ["radius2"]
+    # fine-tune: mfm 80, 82, 84 minus radius2 70, 70, 76 = 10, 12, 8, paired by seed
+    finetune = versus["differences"]["radius2"]["finetune_top1"]
+    half = 4.302652729749464 * 2.0 / math.sqrt(3)
+    assert finetune["values"] == [10.0, 12.0, 8.0]
+    assert finetune["ci95"] == pytest.approx([10.0 - half, 10.0 + half])
+    # mCE: 90 minus 89 every seed
+    assert versus["differences"]["radius2"]["mce"]["values"] == [1.0, 1.0, 1.0]
+    lines = table(study).splitlines()
+    assert lines[-5] == "`mfm` minus each other variant, paired by seed (mean [95 % CI]):"
+    assert lines[-1].startswith(
+        "| mfm - radius2 | -1.00 [-1.00, -1.00] | -1.00 [-1.00, -1.00] | +10.00 ["
+    )
+
+
+def test_one_variant_has_no_head_to_head(tmp_path: Path) -> None:
+    fake_study(tmp_path, [0, 1])
+    params = Params(study=StudyParams(variants={"mfm": VARIANTS["mfm"]}, seeds=[0, 1]))
+    study = collect(params, tmp_path / RUNS)
+    assert study["versus_first"] == {}
+    assert "minus each other variant" not in table(study)
+
+
 def test_one_seed_works_without_intervals(tmp_path: Path) -> None:
     fake_study(tmp_path, [7], pixels=False)
     study = collect(study_params([7]), tmp_path / RUNS)

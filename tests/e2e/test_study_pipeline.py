@@ -83,6 +83,8 @@ def test_dvc_and_snakemake_produce_the_same_study_with_seeds(
     table = (by_dvc.path / "results/study/study.md").read_text()
     assert "Mean ± std over 3 seed(s)" in table and "[95 % CI]" in table
     assert "| raw pixels (no encoder) |" in table
+    assert "| mfm - mim |" in table  # frequency vs spatial masking, head to head
+    assert study["versus_first"]["differences"]["mim"]["finetune_top1"]["n"] == 3
     shown = json.loads(by_dvc.run("dvc", "metrics", "show", "--json").stdout)
     assert "metrics/study.json" in json.dumps(shown)
     assert "Running stage" not in by_dvc.run("dvc", "repro", "study/dvc.yaml").stdout
