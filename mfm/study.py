@@ -129,32 +129,35 @@ def versus_first(per_seed: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     }
 
 
+def _row(label: str, cells: list[str]) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
 def table(study: dict[str, Any]) -> str:
     """Markdown: mean +- std per variant, the baseline and raw pixels; then each variant's
-    seed-paired difference to the baseline with its 95 % interval."""
+    seed-paired difference to the baseline with its 95 % interval; then the first variant
+    minus each other one, paired the same way."""
     seeds = len(study["seeds"])
-    header = " | ".join(LABELS[c] for c in COLUMNS)
+    labels = " | ".join(LABELS[c] for c in COLUMNS)
+    header = f"| variant | {labels} |"
     rule = "|---" * (len(COLUMNS) + 1) + "|"
-    lines = [f"Mean ± std over {seeds} seed(s):", "", f"| variant | {header} |", rule]
+    lines = [f"Mean ± std over {seeds} seed(s):", "", header, rule]
     rows = [*study["variants"].items(), (BASELINE, study["baseline"])]
     if "pixels" in study:
         rows.append((PIXELS, study["pixels"]))
     for name, row in rows:
-        cells = [format_summary(row[c]) if c in row else "" for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(_row(name, [format_summary(row[c]) if c in row else "" for c in COLUMNS]))
     lines += ["", f"Difference to {BASELINE}, paired by seed (mean [95 % CI]):", ""]
-    lines += [f"| variant | {header} |", rule]
+    lines += [header, rule]
     for name, row in study["variants"].items():
-        cells = [format_difference(row["difference"][c]) for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(_row(name, [format_difference(row["difference"][c]) for c in COLUMNS]))
     versus = study.get("versus_first") or {}
     if versus:
         first = versus["reference"]
         lines += ["", f"`{first}` minus each other variant, paired by seed (mean [95 % CI]):", ""]
-        lines += [f"| | {header} |", rule]
+        lines += [f"| | {labels} |", rule]
         for name, row in versus["differences"].items():
-            cells = [format_difference(row[c]) for c in COLUMNS]
-            lines.append(f"| {first} - {name} | " + " | ".join(cells) + " |")
+            lines.append(_row(f"{first} - {name}", [format_difference(row[c]) for c in COLUMNS]))
     return "\n".join(lines) + "\n"
 
 
