@@ -46,6 +46,7 @@ class FolderInput:
     images: int  # distinct training images in the folder
     repeats: int  # how often the file list is repeated in ``dataset``
     on_device: bool  # runtime.loader: device (batches of bytes and crop boxes)
+    jpeg_draft: bool  # reduced JPEG decoding on the PIL path (runtime.jpeg_draft)
 
 
 def check_folder(root: str | Path) -> Path:
@@ -108,8 +109,11 @@ def folder_input(
     on_device = decodes_on_device(params.runtime.loader, meta.kind)  # as pretrain decides
     with tempfile.TemporaryDirectory(prefix="mfm-bench-") as prepared:
         write_prepared(data, meta, prepared)
-        dataset = image_dataset(prepared, "train", img_size, True, crop_scale, on_device)
-    return FolderInput(path, dataset, meta, images, repeats, on_device)
+        dataset = image_dataset(
+            prepared, "train", img_size, True, crop_scale, on_device, params.runtime.jpeg_draft
+        )
+    jpeg_draft = getattr(dataset, "draft", None) is not None
+    return FolderInput(path, dataset, meta, images, repeats, on_device, jpeg_draft)
 
 
 def batches(

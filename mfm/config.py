@@ -327,6 +327,12 @@ class RuntimeParams(StrictModel):
         description="How pretraining reads image folders: pil = decode and crop in the "
         "workers; device = workers read bytes, the training device decodes (nvJPEG on CUDA).",
     )
+    jpeg_draft: bool = Field(
+        False,
+        description="Decode JPEGs of image folders at 1/2, 1/4 or 1/8 scale (libjpeg's DCT "
+        "scaling) where the crop still spans img_size there (pretrain, finetune, linprobe; "
+        "PIL path): the same crop boxes, pixels within a few grey levels.",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the training model (pretrain, finetune, segment); saved "

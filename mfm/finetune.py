@@ -122,7 +122,9 @@ def training_config(params: Params, init: str) -> dict[str, Any]:
 
 def _train_dataset(prepared_dir: Path, meta: DatasetMeta, params: Params) -> Dataset:
     cfg, img_size = params.finetune, params.data.img_size
-    dataset = image_dataset(prepared_dir, "train", img_size, True, cfg.crop_scale)
+    dataset = image_dataset(
+        prepared_dir, "train", img_size, True, cfg.crop_scale, jpeg_draft=params.runtime.jpeg_draft
+    )
     native = min(meta.image_size) if meta.image_size else img_size
     if cfg.auto_augment and native >= cfg.min_augment_size:
         dataset = RandAugmented(dataset, cfg.auto_augment, meta.channels, native)
@@ -186,7 +188,9 @@ def _train(
     trained = wrap(model, here, device, params.runtime.compile)
 
     train_set = _train_dataset(prepared_dir, meta, params)
-    test_set = image_dataset(prepared_dir, "test", img_size, train=False)
+    test_set = image_dataset(
+        prepared_dir, "test", img_size, False, jpeg_draft=params.runtime.jpeg_draft
+    )
     layer_decay = cfg.layer_decay if fixed_input_size(model) else None
     optimizer, scheduler, lr, steps_per_epoch = optimizer_and_schedule(
         model, cfg, len(train_set), "finetune", layer_decay
@@ -264,7 +268,7 @@ def _import(
     converted = read_weights(path)
     model, spec = classifier_from(converted, params, meta.channels, meta.num_classes, str(path))
     img_size, runtime = params.data.img_size, params.runtime
-    test_set = image_dataset(prepared_dir, "test", img_size, train=False)
+    test_set = image_dataset(prepared_dir, "test", img_size, False, jpeg_draft=runtime.jpeg_draft)
     model = place(model, device)
     scores, labels, preds = evaluate(model, test_set, meta, img_size, 256, device, runtime.workers)
     info = {**classifier_info(meta, params, init), "imported_from": str(path)}

@@ -372,9 +372,10 @@ def run(
     torch.manual_seed(seed)  # a fresh init of the same architecture, seeded with runtime.seed
     random_init = encoder_from_spec(pretrained.spec)
 
-    full_train = image_dataset(prepared_dir, "train", img_size, train=False)
+    draft = params.runtime.jpeg_draft
+    full_train = image_dataset(prepared_dir, "train", img_size, False, jpeg_draft=draft)
     train_set = train_subset(full_train, params.linprobe.train_limit, seed)
-    test_set = image_dataset(prepared_dir, "test", img_size, train=False)
+    test_set = image_dataset(prepared_dir, "test", img_size, False, jpeg_draft=draft)
     log.info(
         "linprobe: %s on %s, %d train / %d test images, pool %s, device %s",
         pretrained.spec["name"],

@@ -99,7 +99,9 @@ def _train(
     normalize = normalizer(meta).to(device)
 
     on_device = decodes_on_device(runtime.loader, meta.kind)
-    train_set = image_dataset(prepared_dir, "train", img_size, True, cfg.crop_scale, on_device)
+    train_set = image_dataset(
+        prepared_dir, "train", img_size, True, cfg.crop_scale, on_device, runtime.jpeg_draft
+    )
     optimizer, scheduler, lr, steps_per_epoch = optimizer_and_schedule(
         model, cfg, len(train_set), "pretrain"
     )
@@ -239,7 +241,9 @@ def save_reconstructions(
     """Corrupt a few test images with a fixed seed and draw what the model predicts, completed
     with what the input kept (the loss never scores that part); ``predict`` False draws the
     inputs only (a model without a trained head)."""
-    test_set = image_dataset(prepared_dir, "test", params.data.img_size, train=False)
+    test_set = image_dataset(
+        prepared_dir, "test", params.data.img_size, False, jpeg_draft=params.runtime.jpeg_draft
+    )
     count = min(FIGURE_IMAGES, len(test_set))
     images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
     clean = device_augment(meta, params.data.img_size, train=False).to(device)(images)

@@ -51,6 +51,8 @@ loader for each timing, with the ``workers`` processes
     list is repeated so that a timing stays inside one epoch; 1 for a large folder),
     loader (runtime.loader: "pil", the workers decode and crop; "device", the workers read
     the files and draw the crop boxes, and the step decodes and crops on the device),
+    jpeg_draft (runtime.jpeg_draft on the "pil" path: JPEGs decoded at a reduced scale where
+    the crop allows; false for "device"),
     workers (DataLoader worker processes, ``auto`` resolved; 0 = in the main process)
     loader_batches (batches timed), loader_warmup_batches (batches drawn untimed first: at
     least warmup and workers, so the workers' start is not timed),
@@ -101,6 +103,7 @@ DATA_KEYS = (
     "data_images",
     "data_repeats",
     "loader",
+    "jpeg_draft",
     "workers",
     "loader_batches",
     "loader_warmup_batches",
@@ -490,6 +493,7 @@ class _Folder:
             "data_images": self.source.images,
             "data_repeats": self.source.repeats,
             "loader": "device" if self.source.on_device else "pil",
+            "jpeg_draft": self.source.jpeg_draft,
             "workers": self.workers,
             "loader_batches": self.loader_batches,
             "loader_warmup_batches": untimed_calls(self.loader_batches, self.loader_warmup),

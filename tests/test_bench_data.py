@@ -127,16 +127,19 @@ def test_the_folder_is_read_by_the_pretrain_stages_dataset_and_loader(folder, pa
 
 
 @pytest.mark.parametrize(
-    ("workers", "loader"), [("0", "pil"), ("1", "pil"), ("auto", "pil"), ("0", "device")]
+    ("workers", "loader", "draft"),
+    [("0", "pil", False), ("1", "pil", False), ("auto", "pil", True), ("0", "device", True)],
 )
-def test_bench_data_figures(folder, params_file, capsys, monkeypatch, workers, loader):
+def test_bench_data_figures(folder, params_file, capsys, monkeypatch, workers, loader, draft):
     monkeypatch.setattr("mfm.data.workers.usable_cpus", lambda: 2)  # auto: 2 CPUs - 1
     argv = bench(params_file, "--data", str(folder), "--batch-size", "8", "--steps", "2")
     argv += ["--warmup", "1", "--workers", workers, "-S", f"runtime.loader={loader}"]
+    argv += ["-S", f"runtime.jpeg_draft={str(draft).lower()}"]
     assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert [key for key in throughput.DATA_KEYS if key not in throughput.__doc__] == []
     assert out["data"] == str(folder.resolve()) and out["loader"] == loader
+    assert out["jpeg_draft"] is (draft and loader == "pil")  # the device path decodes in full
     workers = 1 if workers == "auto" else int(workers)
     assert out["workers"] == workers
     assert out["data_images"] == TRAIN and out["data_repeats"] >= 1

@@ -140,6 +140,16 @@ def test_manifest_images_items(folder_dir, train):
         assert label in (0, 1)
 
 
+def test_image_dataset_plans_drafts_for_manifests_only(folder_dir, digits_dir):
+    for train in (True, False):
+        dataset = image_dataset(folder_dir, "train", 16, train, jpeg_draft=True)
+        assert isinstance(dataset, ManifestImages) and dataset.draft is not None
+        assert dataset[0][0].shape == (3, 16, 16)
+        assert image_dataset(folder_dir, "train", 16, train).draft is None
+    arrays = image_dataset(digits_dir, "train", 32, True, jpeg_draft=True)
+    assert not isinstance(arrays, ManifestImages)
+
+
 def test_manifest_images_grey(folder_dir):
     paths, labels = read_manifest(folder_dir / "test.csv")
     dataset = ManifestImages(paths, labels, image_transform(12, train=False), channels=1)

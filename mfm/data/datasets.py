@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from mfm.config import CropScale, PretrainParams
 from mfm.data.meta import PREPARE_HINT, Split, load_meta
 from mfm.data.prepared import read_manifest
 from mfm.errors import UserError
+
+if TYPE_CHECKING:
+    from mfm.data.jpeg_draft import Drafting
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (timm's and torchvision's)
 EVAL_CROP_RATIO = 0.875  # evaluation resizes to img_size / 0.875, then centre-crops img_size
@@ -83,24 +86,28 @@ class ManifestImages(Dataset):
         labels: Sequence[int],
         transform: Callable[[Any], torch.Tensor],
         channels: int = 3,
+        draft: Drafting | None = None,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError("paths and labels differ in length")
         self.paths = list(paths)
         self.labels = list(labels)
         self.transform = transform
+        self.draft = draft  # reduced JPEG decoding, planned on the opened file (jpeg_draft)
         self.mode = "L" if channels == 1 else "RGB"
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _decode(self, path: str) -> Any:
-        """Open and fully decode one image; a bad file is the user's to fix, so say which."""
+    def _decode(self, path: str) -> tuple[Any, Callable[[Any], torch.Tensor]]:
+        """Open and decode one image (at a reduced scale where ``draft`` plans one), with
+        what turns it into the tensor; a bad file is the user's to fix, so say which."""
         from PIL import Image
 
         try:
             with Image.open(path) as image:
-                return image.convert(self.mode)
+                finish = self.transform if self.draft is None else self.draft.plan(image)
+                return image.convert(self.mode), finish
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise ImageReadError(
                 f"cannot read image {path} ({err.__class__.__name__}); remove or replace it, "
@@ -108,7 +115,8 @@ class ManifestImages(Dataset):
             ) from None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self._decode(self.paths[index])), self.labels[index]
+        image, finish = self._decode(self.paths[index])
+        return finish(image), self.labels[index]
 
 
 def image_transform(
@@ -146,10 +154,12 @@ def image_dataset(
     train: bool,
     crop_scale: CropScale = PRETRAIN_CROP_SCALE,
     decode_on_device: bool = False,
+    jpeg_draft: bool = False,
 ) -> Dataset:
     """The prepared ``split`` as a Dataset of (uint8 (C, H, W), label); with
     ``decode_on_device``, training images of a manifest come as (file bytes, crop box, label)
-    for ``mfm.data.device_decode`` (arrays are unaffected)."""
+    for ``mfm.data.device_decode``; with ``jpeg_draft``, a manifest's JPEGs are decoded at a
+    reduced scale where the crop allows (``mfm.data.jpeg_draft``). Arrays are unaffected."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     prepared_dir = Path(prepared_dir)
@@ -164,4 +174,18 @@ def image_dataset(
 
         return EncodedCrops(paths, labels, tuple(crop_scale), CROP_RATIO)
     transform = image_transform(img_size, train, crop_scale)
-    return ManifestImages(paths, labels, transform, meta.channels)
+    draft = drafting(transform, img_size, train, crop_scale) if jpeg_draft else None
+    return ManifestImages(paths, labels, transform, meta.channels, draft)
+
+
+def drafting(
+    transform: Callable[[Any], torch.Tensor], img_size: int, train: bool, crop_scale: CropScale
+) -> Drafting:
+    """The reduced-decode counterpart of :func:`image_transform`'s ``transform``: the same
+    crop (train) or resize target (eval), planned on the opened file."""
+    from mfm.data.jpeg_draft import DraftEvalResize, DraftTrainCrop
+
+    if train:
+        return DraftTrainCrop(img_size, tuple(crop_scale), CROP_RATIO)
+    resize = transform.transforms[0].size  # timm's eval Resize of the short side (an int)
+    return DraftEvalResize(img_size, resize, transform)

@@ -10,6 +10,7 @@ rule corrupt:
         "mfm/corrupted_set.py",
         "mfm/data/datasets.py",
         "mfm/data/device_decode.py",
+        "mfm/data/jpeg_draft.py",
         "mfm/data/meta.py",
         "mfm/data/prepared.py",
         "mfm/data/sources/common.py",

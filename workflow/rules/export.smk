@@ -11,6 +11,7 @@ rule export:
         "mfm/data/datasets.py",
         "mfm/data/device_decode.py",
         "mfm/data/files.py",
+        "mfm/data/jpeg_draft.py",
         "mfm/data/meta.py",
         "mfm/data/prepared.py",
         "mfm/data/sources/common.py",

@@ -9,6 +9,7 @@ rule linprobe:
         "mfm/data/augment.py",
         "mfm/data/datasets.py",
         "mfm/data/device_decode.py",
+        "mfm/data/jpeg_draft.py",
         "mfm/data/loaders.py",
         "mfm/data/meta.py",
         "mfm/data/prepared.py",

@@ -11,6 +11,7 @@ rule pretrain:
         "mfm/data/augment.py",
         "mfm/data/datasets.py",
         "mfm/data/device_decode.py",
+        "mfm/data/jpeg_draft.py",
         "mfm/data/loaders.py",
         "mfm/data/meta.py",
         "mfm/data/prepared.py",

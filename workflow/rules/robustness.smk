@@ -12,6 +12,7 @@ rule robustness:
         "mfm/data/datasets.py",
         "mfm/data/device_decode.py",
         "mfm/data/files.py",
+        "mfm/data/jpeg_draft.py",
         "mfm/data/loaders.py",
         "mfm/data/meta.py",
         "mfm/data/prepared.py",

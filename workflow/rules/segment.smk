@@ -42,6 +42,7 @@ rule segment:
         "mfm/data/datasets.py",
         "mfm/data/device_decode.py",
         "mfm/data/files.py",
+        "mfm/data/jpeg_draft.py",
         "mfm/data/loaders.py",
         "mfm/data/meta.py",
         "mfm/data/prepared.py",
