@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -75,13 +75,13 @@ class DraftTrainCrop:
         )
         divisor = draft(image, (width, height), (self.size, self.size))
         if divisor == 1:
-            return lambda decoded: _to_tensor(
+            return lambda decoded: F.pil_to_tensor(
                 F.resized_crop(
                     decoded, top, left, height, width, [self.size] * 2, InterpolationMode.BICUBIC
                 )
             )
         box = tuple(v / divisor for v in (left, top, left + width, top + height))
-        return lambda decoded: _to_tensor(
+        return lambda decoded: F.pil_to_tensor(
             decoded.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         )
 
@@ -102,7 +102,7 @@ class DraftEvalResize:
             return self.plain
         region = centre_crop_region(full, self.resize_to, self.size)
         box = tuple(v / divisor for v in region)
-        return lambda decoded: _to_tensor(
+        return lambda decoded: F.pil_to_tensor(
             decoded.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         )
 
@@ -120,7 +120,3 @@ def centre_crop_region(
     top = int(round((resized[1] - crop) / 2.0))
     x_scale, y_scale = width / resized[0], height / resized[1]
     return (left * x_scale, top * y_scale, (left + crop) * x_scale, (top + crop) * y_scale)
-
-
-def _to_tensor(image: Any) -> torch.Tensor:
-    return F.pil_to_tensor(image)

@@ -4,15 +4,12 @@ CPU smoke run at 32 px, compile rows eager) and prints their table."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mfm import throughput
-from tests.e2e.conftest import ROOT
+from tests.e2e.conftest import ROOT, Project
 
 pytestmark = pytest.mark.e2e
 
@@ -37,16 +34,9 @@ SMOKE = {
 
 def test_every_row_runs_and_lands_in_the_table(tmp_path: Path) -> None:
     out = tmp_path / "gpu-bench"
-    env = {**os.environ, **SMOKE, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    done = subprocess.run(
-        ["bash", "workflow/scripts/gpu-bench.sh", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    runner = Project(ROOT)  # reads the project's params.yaml, writes only under tmp_path
+    runner.env.update(SMOKE)
+    done = runner.run("bash", "workflow/scripts/gpu-bench.sh", str(out), timeout=900)
     assert sorted(p.stem for p in out.glob("*.json")) == sorted(ROWS)
     for name, model in ROWS.items():
         row = json.loads((out / f"{name}.json").read_text())
